@@ -1,0 +1,1 @@
+"""vertjax: vertebra centroid localisation and naming in spine radiographs."""
