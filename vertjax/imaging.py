@@ -1,0 +1,279 @@
+"""Reading radiographs from disk and resizing them for the model.
+
+One entry point per direction: `read_radiograph` turns a PNG, JPEG, TIFF or
+DICOM file into grey values in [0, 1] (windowed, MONOCHROME1 inverted) plus
+the pixel spacing when the file knows it; `to_model_input` resizes such an
+image to the model's S x S uint8 input. Every fault raises `ImageError`,
+whose message starts with the file's path.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# A radiograph larger than this (8k x 8k; real ones are below 4k x 5k) is
+# refused before decoding: a hostile or broken header must not make the
+# reader allocate gigabytes. Below PIL's own bomb limit, so this check and
+# its message come first.
+MAX_PIXELS: int = 8192 * 8192
+# Smaller images cannot hold 13 vertebrae and are almost surely thumbnails or
+# icons picked up by mistake.
+MIN_SIDE: int = 32
+# 16-bit sources use only part of their range; window at these percentiles.
+WINDOW_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+
+DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
+RASTER_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+SUFFIXES: frozenset[str] = DICOM_SUFFIXES | RASTER_SUFFIXES
+
+# ITU-R BT.601 luma, what PIL's "L" conversion uses.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class ImageError(ValueError):
+    """A radiograph file that cannot be used; the message is '<path>: <reason>'."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class Radiograph(NamedTuple):
+    """A decoded radiograph.
+
+    Attributes:
+      pixels: float32 [H, W] in [0, 1], 0 black (air), 1 white (bone).
+      pixel_spacing_mm: row spacing in mm per pixel, None when unknown.
+    """
+
+    pixels: np.ndarray
+    pixel_spacing_mm: float | None
+
+
+def is_dicom(path: str | os.PathLike) -> bool:
+    """True for a DICOM file: by suffix, or by the 'DICM' magic at byte 128."""
+    if os.path.splitext(os.fspath(path))[1].lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_radiograph(path: str | os.PathLike) -> Radiograph:
+    """Reads a PNG, JPEG, TIFF or DICOM radiograph.
+
+    8-bit sources are scaled by 1/255; 16-bit, 32-bit and float sources and all
+    DICOM files (after rescale slope/intercept) are windowed to their 0.5th to
+    99.5th percentile. Colour is reduced to luminance, alpha dropped, palettes
+    expanded and the EXIF orientation applied. Multi-frame DICOM is refused.
+
+    Args:
+      path: the image file.
+
+    Returns:
+      Radiograph(pixels float32 [H, W] in [0, 1], pixel_spacing_mm or None).
+
+    Raises:
+      ImageError: missing, unreadable, empty, too large or too small image.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageError(path, "file not found")
+    if os.path.getsize(path) == 0:
+        raise ImageError(path, "empty file")
+    if is_dicom(path):
+        pixels, spacing = _read_dicom(path)
+    else:
+        pixels, spacing = _read_raster(path), None
+    _check_size(path, pixels.shape)
+    if not np.isfinite(pixels).all():
+        raise ImageError(path, "image holds non-finite values")
+    return Radiograph(pixels=pixels, pixel_spacing_mm=spacing)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) from the header alone, without decoding the pixels.
+
+    Used to validate annotations before a slow full read. Raises ImageError
+    for the same header faults as `read_radiograph`.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageError(path, "file not found")
+    if os.path.getsize(path) == 0:
+        raise ImageError(path, "empty file")
+    if is_dicom(path):
+        ds = _dicom_header(path)
+        shape = (int(ds.Rows), int(ds.Columns))
+    else:
+        with _open_raster(path) as im:
+            width, height = im.size
+            try:
+                orientation = im.getexif().get(0x0112, 1)
+            except (OSError, ValueError, SyntaxError) as e:
+                raise ImageError(path, f"unreadable image ({e})") from e
+        # EXIF orientations 5-8 swap width and height.
+        shape = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+    _check_size(path, shape)
+    return shape
+
+
+def to_model_input(pixels: np.ndarray, size: int = 264) -> np.ndarray:
+    """Resizes an image to the model's square input, ignoring aspect ratio.
+
+    Downsampling averages over each output pixel's footprint (PIL BOX, i.e.
+    area resampling) so that film grain does not alias; upsampling is bilinear.
+
+    Args:
+      pixels: float [H, W] in [0, 1].
+      size: output side S.
+
+    Returns:
+      uint8 [S, S].
+    """
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if pixels.ndim != 2:
+        raise ValueError(f"expected a [H, W] image, got shape {pixels.shape}")
+    height, width = pixels.shape
+    if height >= size and width >= size:
+        method = Image.Resampling.BOX
+    else:
+        method = Image.Resampling.BILINEAR
+    resized = np.asarray(Image.fromarray(pixels, mode="F").resize((size, size), method))
+    return np.clip(np.rint(resized * 255.0), 0, 255).astype(np.uint8)
+
+
+def window(values: np.ndarray) -> np.ndarray:
+    """Maps the 0.5th-99.5th percentile range of `values` to [0, 1], clipped."""
+    values = values.astype(np.float32, copy=False)
+    lo, hi = np.percentile(values, WINDOW_PERCENTILES)
+    if not hi > lo:
+        # A flat image carries no contrast; map it to mid-grey rather than NaN.
+        return np.full(values.shape, 0.5 if hi > 0 else 0.0, dtype=np.float32)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _check_size(path: str, shape: tuple[int, ...]) -> None:
+    if len(shape) != 2:
+        raise ImageError(path, f"expected a 2-D image, got shape {tuple(shape)}")
+    height, width = shape
+    if height * width == 0:
+        raise ImageError(path, "image has no pixels")
+    if height * width > MAX_PIXELS:
+        raise ImageError(
+            path, f"image of {width} x {height} pixels exceeds the limit of {MAX_PIXELS} pixels"
+        )
+    if min(height, width) < MIN_SIDE:
+        raise ImageError(
+            path, f"image of {width} x {height} pixels is smaller than {MIN_SIDE} px a side"
+        )
+
+
+def _open_raster(path: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(path, f"image too large: {e}") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(path, f"unreadable image ({e})") from e
+    width, height = im.size
+    if width * height > MAX_PIXELS:
+        im.close()
+        raise ImageError(
+            path, f"image of {width} x {height} pixels exceeds the limit of {MAX_PIXELS} pixels"
+        )
+    return im
+
+
+def _read_raster(path: str) -> np.ndarray:
+    """PNG / JPEG / TIFF -> float32 [H, W] in [0, 1]."""
+    with _open_raster(path) as im:
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ImageError(path, f"unreadable image ({e})") from e
+        mode = im.mode
+        if mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            mode = im.mode
+        if mode in ("1", "L", "LA"):
+            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+        if mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+            return (rgb @ _LUMA) / 255.0
+        if mode.startswith("I") or mode == "F":
+            # 16-bit and 32-bit greyscale (I;16, I;16B, I, F): window it.
+            return window(np.asarray(im).astype(np.float32))
+    raise ImageError(path, f"unsupported image mode {mode!r}")
+
+
+def _dicom_header(path: str):
+    import pydicom
+    import pydicom.errors
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as e:
+        raise ImageError(path, f"unreadable DICOM ({e})") from e
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ImageError(path, "DICOM has no Rows/Columns: no image in it")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageError(path, f"multi-frame DICOM ({frames} frames) is not supported")
+    return ds
+
+
+def _read_dicom(path: str) -> tuple[np.ndarray, float | None]:
+    """DICOM -> (float32 [H, W] in [0, 1], row spacing in mm or None)."""
+    import pydicom
+
+    header = _dicom_header(path)
+    _check_size(path, (int(header.Rows), int(header.Columns)))
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises many types for damaged files
+        raise ImageError(path, f"unreadable DICOM ({e})") from e
+    if "PixelData" not in ds:
+        raise ImageError(path, "DICOM has no pixel data")
+    try:
+        raw = ds.pixel_array
+    except Exception as e:  # missing codec, truncated data, ...
+        raise ImageError(path, f"cannot decode DICOM pixel data ({e})") from e
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if raw.ndim == 3 and photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
+        if photometric != "RGB":
+            raw = pydicom.pixels.convert_color_space(raw, photometric, "RGB")
+        values = raw.astype(np.float32) @ _LUMA
+    elif raw.ndim == 2:
+        values = raw.astype(np.float32)
+    else:
+        raise ImageError(path, f"unsupported DICOM pixel array of shape {raw.shape}")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    pixels = window(values * slope + intercept)
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1 shows low values white; the model sees bone as bright.
+        pixels = 1.0 - pixels
+    return pixels, _dicom_spacing(ds)
+
+
+def _dicom_spacing(ds) -> float | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is not None and len(value) >= 1:
+            spacing = float(value[0])
+            if np.isfinite(spacing) and spacing > 0:
+                return spacing
+    return None
