@@ -1,0 +1,175 @@
+"""The heatmap regressor: a flax.linen U-Net, [B, H, W, 1] -> [B, H, W, K].
+
+A classic U-Net (Ronneberger et al. 2015): per level two 3x3 convolutions
+with normalisation and an activation, 2x2 max pooling down, up-sampling
+(resize + conv or a transposed conv) and skip concatenation up, and a
+linear 1x1 output layer. There are no BatchNorm layers, so the train state
+has no mutable collections.
+
+Counting vertebrae needs a receptive field of most of the image: a 3-pooling
+net sees only about +-50 px of a 264 image. Besides `depth` (up to 6, with
+`max_features` capping the channel growth), the bottleneck can carry
+residual dilated convolutions (`bottleneck_dilations`) and a global-context
+block (`global_context`: the pooled bottleneck features, passed through a
+dense layer, added back at every position).
+
+Inputs of any height and width are zero-padded at the bottom and right to a
+multiple of 2**depth and the output is cropped back. Zeros, not reflection:
+a mirrored border would show the network mirrored vertebrae to count.
+"""
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NORMS = ("group", "layer", "none")
+UPSAMPLES = ("resize", "transpose")
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "leaky_relu": nn.leaky_relu,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+}
+MAX_DEPTH = 6
+
+
+def _check_choice(kind: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r}: expected one of {', '.join(valid)}")
+
+
+class ConvBlock(nn.Module):
+    """Two (3x3 conv, norm, activation) layers: [B, H, W, C] -> [B, H, W, features]."""
+
+    features: int
+    norm: str = "group"
+    activation: str = "relu"
+    dilation: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        for _ in range(2):
+            # The conv bias is redundant in front of a normalisation layer.
+            x = nn.Conv(
+                self.features,
+                (3, 3),
+                kernel_dilation=self.dilation,
+                use_bias=self.norm == "none",
+                dtype=self.dtype,
+            )(x)
+            x = _normalise(x, self.norm, self.dtype)
+            x = act(x)
+        return x
+
+
+def _normalise(x: jax.Array, norm: str, dtype) -> jax.Array:
+    """GroupNorm (up to 8 groups), channel LayerNorm, or nothing."""
+    if norm == "group":
+        return nn.GroupNorm(num_groups=math.gcd(x.shape[-1], 8), dtype=dtype)(x)
+    if norm == "layer":
+        return nn.LayerNorm(dtype=dtype)(x)
+    return x
+
+
+class UNet(nn.Module):
+    """U-Net heatmap regressor.
+
+    Attributes:
+      num_outputs: heatmap layers K.
+      features: channels of the first level; doubled per level.
+      depth: number of poolings (1..6); inputs are padded to a multiple of 2**depth.
+      norm: 'group' | 'layer' | 'none'.
+      upsample: 'resize' (nearest x2 + 3x3 conv) | 'transpose' (2x2 transposed conv).
+      output_bias_init: initial bias of the output layer.
+      zero_init_output: zero the output kernel, so the first output is the bias.
+      dtype: computation dtype; parameters and the output stay float32.
+      max_features: cap on the channels of any level (None: no cap).
+      activation: one of ACTIVATIONS.
+      bottleneck_dilations: dilation rates of residual conv blocks after the
+        bottleneck, e.g. (2, 4, 8), to widen the receptive field.
+      global_context: add a global-average-pooled context vector at the bottleneck.
+    """
+
+    num_outputs: int = 13
+    features: int = 16
+    depth: int = 4
+    norm: str = "group"
+    upsample: str = "resize"
+    output_bias_init: float = 0.0
+    zero_init_output: bool = False
+    dtype: jnp.dtype = jnp.float32
+    max_features: int | None = None
+    activation: str = "relu"
+    bottleneck_dilations: tuple[int, ...] = ()
+    global_context: bool = False
+
+    def _width(self, level: int) -> int:
+        width = self.features * 2**level
+        return width if self.max_features is None else min(width, self.max_features)
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """Maps images [B, H, W, 1] to linear heatmaps [B, H, W, num_outputs] (float32).
+
+        `train` is accepted for the trainer's convenience; no layer behaves
+        differently in training.
+        """
+        del train
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("upsample", self.upsample, UPSAMPLES)
+        _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        if not 1 <= self.depth <= MAX_DEPTH:
+            raise ValueError(f"depth {self.depth} must be between 1 and {MAX_DEPTH}")
+        if images.ndim != 4:
+            raise ValueError(f"images {images.shape} must be [B, H, W, C]")
+        height, width = images.shape[1:3]
+        multiple = 2**self.depth
+        pad_h, pad_w = -height % multiple, -width % multiple
+        x = jnp.pad(images.astype(self.dtype), ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+
+        block = dict(norm=self.norm, activation=self.activation, dtype=self.dtype)
+        skips = []
+        for level in range(self.depth):
+            x = ConvBlock(self._width(level), **block)(x)
+            skips.append(x)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = ConvBlock(self._width(self.depth), **block)(x)
+        for rate in self.bottleneck_dilations:
+            x = x + ConvBlock(self._width(self.depth), dilation=rate, **block)(x)
+        if self.global_context:
+            context = jnp.mean(x, axis=(1, 2), keepdims=True)
+            context = ACTIVATIONS[self.activation](nn.Dense(x.shape[-1], dtype=self.dtype)(context))
+            x = x + nn.Dense(x.shape[-1], dtype=self.dtype)(context)
+
+        for level in reversed(range(self.depth)):
+            channels = self._width(level)
+            if self.upsample == "transpose":
+                x = nn.ConvTranspose(channels, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+            else:
+                b, h, w, c = x.shape
+                x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+                x = nn.Conv(channels, (3, 3), dtype=self.dtype)(x)
+            x = jnp.concatenate([x, skips[level]], axis=-1)
+            x = ConvBlock(channels, **block)(x)
+
+        kernel_init = (
+            nn.initializers.zeros if self.zero_init_output else nn.linear.default_kernel_init
+        )
+        x = nn.Conv(
+            self.num_outputs,
+            (1, 1),
+            dtype=self.dtype,
+            kernel_init=kernel_init,
+            bias_init=nn.initializers.constant(self.output_bias_init),
+        )(x)
+        return x[:, :height, :width, :].astype(jnp.float32)
+
+
+def tiny(**overrides) -> UNet:
+    """A small U-Net for tests (4 base features, 2 poolings)."""
+    return UNet(**{"features": 4, "depth": 2, **overrides})
