@@ -211,14 +211,20 @@ def preview(builder, out: str, *, split: str = "train", count: int = 8) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "synthetic", "Dataset config (spine_radiographs/<config>).")
-flags.DEFINE_string("manual_dir", None, "Source directory for aasce, aasce_fov and folder.")
-flags.DEFINE_string(
-    "data_dir", None, f"Dataset directory (default ${DATA_DIR_ENV} or ~/tensorflow_datasets)."
-)
-flags.DEFINE_string("out", None, "preview: PNG file to write.")
-flags.DEFINE_string("split", "train", "preview: split to draw.")
-flags.DEFINE_integer("count", 8, "preview: number of radiographs.")
+
+
+def define_flags() -> None:
+    """The command's flags; defined only when run as a program, so that importing
+    this module from another absl program cannot clash with its flags."""
+    flags.DEFINE_string("config", "synthetic", "Dataset config (spine_radiographs/<config>).")
+    flags.DEFINE_string("manual_dir", None, "Source directory for aasce, aasce_fov and folder.")
+    flags.DEFINE_string(
+        "data_dir", None, f"Dataset directory (default ${DATA_DIR_ENV} or ~/tensorflow_datasets)."
+    )
+    flags.DEFINE_string("out", None, "preview: PNG file to write.")
+    flags.DEFINE_string("split", "train", "preview: split to draw.")
+    flags.DEFINE_integer("count", 8, "preview: number of radiographs.")
+
 
 COMMANDS: tuple[str, ...] = ("build", "preview")
 
@@ -266,4 +272,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,0 +1,466 @@
+"""Tests for vertjax.predict: inputs, coordinates, JSON/CSV/overlay outputs, the CLI."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from vertjax import overlay, predict, vertebrae
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 264
+# Large, non-square radiographs (width, height) and where their bright blob is.
+WIDTH, HEIGHT = 1500, 3600
+
+
+def _blob_image(x0: float, y0: float, *, seed: int) -> np.ndarray:
+    """float [H, W] in [0, 1]: background 0.1, a Gaussian blob of peak 0.8 at (x0, y0).
+
+    The blob is about 2 model pixels wide in both axes. 0.7 % of the pixels
+    are isolated salt at 1.0, so that the 0.5-99.5 % window of 16-bit and
+    DICOM sources keeps the blob unclipped; the box-filter resize averages
+    the salt away.
+    """
+    rng = np.random.default_rng(seed)
+    sx, sy = 2.0 * WIDTH / SIZE, 2.0 * HEIGHT / SIZE
+    xs = np.arange(WIDTH) + 0.5
+    ys = np.arange(HEIGHT) + 0.5
+    blob = np.exp(-0.5 * ((ys[:, None] - y0) / sy) ** 2 - 0.5 * ((xs[None, :] - x0) / sx) ** 2)
+    pixels = 0.1 + 0.7 * blob
+    pixels[rng.random(pixels.shape) < 0.007] = 1.0
+    return pixels.astype(np.float32)
+
+
+def _write_dicom(path: Path, raw: np.ndarray, *, photometric: str, spacing: float | None) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = raw.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    if spacing is not None:
+        ds.PixelSpacing = [spacing, spacing]
+    ds.PixelData = raw.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+# (file name, blob x, blob y, pixel spacing in mm or None)
+FILES = (
+    ("upper.png", 300.25, 700.5, None),
+    ("lower.tif", 1111.3, 2507.8, None),
+    ("mono1.dcm", 750.0, 1800.0, 0.2),
+    ("mono2_no_suffix", 1200.7, 400.2, 0.143),
+)
+
+
+def _write_inputs(folder: Path) -> dict[str, tuple[float, float, float | None]]:
+    """The mixed folder: 8-bit PNG, 16-bit TIFF, DICOM MONOCHROME1 and 2."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, (name, x0, y0, spacing) in enumerate(FILES):
+        pixels = _blob_image(x0, y0, seed=seed)
+        path = folder / name
+        if name.endswith(".png"):
+            Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).save(path)
+        elif name.endswith(".tif"):
+            Image.fromarray(np.rint(pixels * 60000).astype(np.uint16)).save(path)
+        elif name == "mono1.dcm":
+            # MONOCHROME1 stores bone dark: the reader must invert it.
+            _write_dicom(
+                path, np.rint((1 - pixels) * 4095), photometric="MONOCHROME1", spacing=spacing
+            )
+        else:
+            _write_dicom(path, np.rint(pixels * 4095), photometric="MONOCHROME2", spacing=spacing)
+    return {name: (x0, y0, spacing) for name, x0, y0, spacing in FILES}
+
+
+def _identity_model(traces: list | None = None) -> predict.Model:
+    """A stand-in network whose 13 heatmaps are its input image itself.
+
+    Everything else (reading, resizing, normalisation, decoding, mapping to
+    original pixels, presence, writing) is the real code under test.
+    """
+
+    def apply(variables, images):
+        if traces is not None:
+            traces.append(images.shape)  # runs once per compilation
+        grey = images * variables["scale"]  # undo the (x - 0) / 255 normalisation
+        return jnp.repeat(grey, vertebrae.K, axis=-1)
+
+    return predict.Model(
+        apply=apply,
+        variables={"scale": jnp.float32(1.0)},
+        image_size=SIZE,
+        pixel_mean=0.0,
+        pixel_std=255.0,
+        presence_threshold=0.5,
+    )
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    return folder, _write_inputs(folder)
+
+
+def test_centroids_come_back_in_original_pixels(inputs, tmp_path):
+    folder, truth = inputs
+    traces = []
+    out = tmp_path / "out"
+    files = predict.find_inputs([folder])
+    outcome = predict.predict_files(_identity_model(traces), files, out, batch_size=3)
+    assert outcome.failures == []
+    # Two batches (3 + 1 padded), one compilation.
+    assert traces == [(3, SIZE, SIZE, 1)]
+    for name, (x0, y0, spacing) in truth.items():
+        record = json.loads((out / f"{Path(name).stem}.json").read_text())
+        assert (record["width"], record["height"]) == (WIDTH, HEIGHT)
+        assert record["pixel_spacing_mm"] == spacing
+        for v in record["vertebrae"]:
+            # A tenth of a model pixel: 0.57 px across, 1.4 px down here (measured: < 0.03).
+            assert v["x"] == pytest.approx(x0, abs=0.1 * WIDTH / SIZE), name
+            assert v["y"] == pytest.approx(y0, abs=0.1 * HEIGHT / SIZE), name
+            assert v["present"] and v["confidence"] > 0.6
+            if spacing is None:
+                assert v["x_mm"] is None and v["y_mm"] is None
+            else:
+                assert v["x_mm"] == pytest.approx(v["x"] * spacing, abs=1e-3)
+                assert v["y_mm"] == pytest.approx(v["y"] * spacing, abs=1e-3)
+
+
+def test_to_original_scales_each_axis_by_its_own_size():
+    points = np.array([[0.0, 0.0], [264.0, 264.0], [132.0, 66.0]])
+    np.testing.assert_allclose(
+        predict.to_original(points, width=1500, height=3600, size=264),
+        [[0, 0], [1500, 3600], [750, 900]],
+    )
+
+
+def test_find_inputs_recurses_and_recognises_dicom_by_magic(inputs, tmp_path):
+    folder, truth = inputs
+    extra = tmp_path / "extra"
+    (extra / "deep").mkdir(parents=True)
+    (extra / "notes.txt").write_text("not an image")
+    (extra / ".hidden.png").write_bytes(b"x")
+    (extra / "deep" / "scan").write_bytes((folder / "mono2_no_suffix").read_bytes())
+    found = predict.find_inputs([folder, extra, folder / "upper.png", extra / "missing.png"])
+    assert [p.name for p in found] == [*sorted(truth), "scan", "missing.png"]
+
+
+def test_output_names_disambiguate_shared_stems(tmp_path):
+    files = [
+        tmp_path / "a" / "x.png",
+        tmp_path / "b" / "x.dcm",
+        tmp_path / "b" / "X.tif",
+        tmp_path / "b" / "y.png",
+        tmp_path / "a__x_png.png",
+    ]
+    names = predict.output_names(files)
+    assert names == ["a__x_png", "b__x_dcm", "b__X_tif", "y", "a__x_png-2"]
+    assert len({n.lower() for n in names}) == len(names)
+
+
+def test_prediction_record_schema():
+    points = np.arange(2 * vertebrae.K, dtype=np.float64).reshape(vertebrae.K, 2) + 0.123456
+    conf = np.linspace(0, 1, vertebrae.K)
+    record = predict.prediction_record(
+        image="a.png",
+        width=10,
+        height=20,
+        pixel_spacing_mm=0.5,
+        points=points,
+        confidence=conf,
+        present=conf >= 0.5,
+    )
+    assert list(record) == ["image", "width", "height", "pixel_spacing_mm", "vertebrae"]
+    assert [v["name"] for v in record["vertebrae"]] == list(vertebrae.NAMES)
+    t6 = record["vertebrae"][2]
+    assert t6 == {
+        "name": "T6",
+        "x": 4.1235,
+        "y": 5.1235,
+        "confidence": round(2 / 12, 6),
+        "present": False,
+        "x_mm": 2.0617,
+        "y_mm": 2.5617,
+    }
+    json.dumps(record, allow_nan=False)
+
+
+def test_overlay_marks_points_in_original_pixels():
+    pixels = np.zeros((3000, 1000), np.float32)
+    points = np.stack([np.full(vertebrae.K, 500.0), np.linspace(100, 2900, vertebrae.K)], 1)
+    present = np.arange(vertebrae.K) % 2 == 0
+    fig = overlay.draw(pixels, points, np.full(vertebrae.K, 0.9), present)
+    ax = fig.axes[0]
+    (image,) = ax.get_images()
+    # The image is drawn downscaled, but spans the original pixel extent.
+    assert image.get_array().shape == (1000, 333)
+    assert image.get_extent() == [0.0, 999.0, 3000.0, 0.0]
+    assert ax.get_xlim() == (0.0, 1000.0) and ax.get_ylim() == (3000.0, 0.0)
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), points[present])
+    assert sorted(t.get_text() for t in ax.texts) == sorted(np.array(vertebrae.NAMES)[present])
+    png = overlay.to_png(fig)
+    assert png.startswith(b"\x89PNG")
+
+
+# The command line, with a checkpoint made by the checkpoint module.
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A training workdir with one checkpoint of the tiny test config.
+
+    The output layer's kernel is zeroed and its bias set per vertebra, so
+    every heatmap is constant: each layer decodes to the centre of model
+    pixel (0, 0), with confidence = its bias (0.8 for T4-T10, 0.2 after).
+    """
+    import grain
+    from flax.training import train_state
+
+    from configs import test as test_config
+    from vertjax import checkpoints, train
+
+    config = test_config.get_config()
+    # Shapes from the real model, values drawn here: initialising the U-Net
+    # for real costs tens of seconds of compilation on a busy 2-core machine.
+    shapes = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype), dict(shapes.params)
+    )
+    # The output layer is the one 1x1 convolution with K outputs.
+    (out_layer,) = [
+        k for k, v in params.items() if v.get("bias", np.zeros(0)).shape == (vertebrae.K,)
+    ]
+    bias = np.where(np.arange(vertebrae.K) < 7, 0.8, 0.2).astype(np.float32)
+    params[out_layer] = {
+        "kernel": jnp.zeros_like(params[out_layer]["kernel"]),
+        "bias": jnp.asarray(bias),
+    }
+    state = train_state.TrainState.create(
+        apply_fn=None, params=params, tx=train.make_optimizer(config)
+    )
+    workdir = tmp_path_factory.mktemp("run")
+    ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"), keep=1)
+    iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+    ckpt.save(
+        6,
+        state=state,
+        data_iterator=iterator,
+        config=config,
+        meta={"train_seconds": 1.0, "validation": None, "pixel_mean": 120.0, "pixel_std": 60.0},
+        metrics={"id_accuracy": 0.0},
+    )
+    ckpt.close()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def cli(run_dir, inputs, tmp_path_factory):
+    """One run of the command line over the mixed folder plus bad and colliding files."""
+    folder, _ = inputs
+    extra = tmp_path_factory.mktemp("extra")
+    (extra / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    (extra / "notes.txt").write_text("ignored in folders")
+    (extra / "sub").mkdir()
+    Image.fromarray(np.full((400, 300), 128, np.uint8)).save(extra / "sub" / "upper.png")
+    out = tmp_path_factory.mktemp("out")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vertjax.predict",
+            f"--workdir={run_dir}",
+            "--checkpoint=latest",
+            f"--out={out}",
+            "--batch_size=2",
+            str(folder),
+            str(extra),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return result, out, folder, extra
+
+
+def test_cli_reports_the_corrupt_file_and_writes_the_others(cli):
+    result, out, folder, extra = cli
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "corrupt.png" in line]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"{extra / 'corrupt.png'}: unreadable image")
+    stems = sorted(p.stem for p in out.glob("*.json"))
+    # upper.png exists twice: both are kept under their relative paths.
+    assert stems == sorted(
+        ["inputs0__upper_png", "extra0__sub__upper_png", "lower", "mono1", "mono2_no_suffix"]
+    )
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_cli_json_schema_and_values(cli):
+    _, out, folder, _ = cli
+    for path in out.glob("*.json"):
+        record = json.loads(path.read_text())
+        assert set(record) == {"image", "width", "height", "pixel_spacing_mm", "vertebrae"}
+        assert isinstance(record["width"], int) and isinstance(record["height"], int)
+        assert [v["name"] for v in record["vertebrae"]] == list(vertebrae.NAMES)
+        w, h = record["width"], record["height"]
+        for k, v in enumerate(record["vertebrae"]):
+            assert set(v) == {"name", "x", "y", "confidence", "present", "x_mm", "y_mm"}
+            # Constant heatmaps: the centre of model pixel (0, 0), mapped back.
+            assert v["x"] == pytest.approx(0.5 * w / SIZE, abs=1e-3)
+            assert v["y"] == pytest.approx(0.5 * h / SIZE, abs=1e-3)
+            assert v["confidence"] == pytest.approx(0.8 if k < 7 else 0.2, abs=1e-5)
+            assert v["present"] is (k < 7)  # config presence_threshold 0.5
+    mono1 = json.loads((out / "mono1.json").read_text())
+    assert mono1["image"] == "mono1.dcm"
+    assert mono1["pixel_spacing_mm"] == pytest.approx(0.2)
+    assert mono1["vertebrae"][0]["x_mm"] == pytest.approx(
+        mono1["vertebrae"][0]["x"] * 0.2, abs=1e-3
+    )
+    sub = json.loads((out / "extra0__sub__upper_png.json").read_text())
+    assert (sub["image"], sub["width"], sub["height"], sub["pixel_spacing_mm"]) == (
+        "upper.png",
+        300,
+        400,
+        None,
+    )
+
+
+def test_cli_csv_and_overlays(cli):
+    _, out, _, _ = cli
+    with (out / predict.CSV_FILE).open() as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == predict.CSV_COLUMNS
+    assert len(rows) == 5 * vertebrae.K
+    by_output = {}
+    for row in rows:
+        by_output.setdefault(row["output"], []).append(row)
+    for stem, group in by_output.items():
+        record = json.loads((out / f"{stem}.json").read_text())
+        assert [r["vertebra"] for r in group] == list(vertebrae.NAMES)
+        for row, v in zip(group, record["vertebrae"], strict=True):
+            assert float(row["x"]) == v["x"] and row["present"] == str(v["present"])
+            assert row["x_mm"] == ("" if v["x_mm"] is None else str(v["x_mm"]))
+        with Image.open(out / f"{stem}_overlay.png") as im:
+            assert im.format == "PNG" and min(im.size) > 100
+
+
+def test_unreadable_input_is_reported_by_name(tmp_path):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 10)
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((300, 200), 50, np.uint8)).save(good)
+    errors = []
+    outcome = predict.predict_files(
+        _identity_model(),
+        [bad, good, tmp_path / "gone.png"],
+        tmp_path / "out",
+        on_error=errors.append,
+    )
+    assert [Path(p).name for p, _ in outcome.failures] == ["bad.dcm", "gone.png"]
+    assert errors[0] == f"{bad}: DICOM has no Rows/Columns: no image in it"
+    assert errors[1] == f"{tmp_path / 'gone.png'}: file not found"
+    assert [Path(p).name for p in outcome.written] == ["good.json"]
+    with (tmp_path / "out" / predict.CSV_FILE).open() as f:
+        assert len(list(csv.DictReader(f))) == vertebrae.K
+
+
+def test_load_model_errors_name_the_workdir(tmp_path, run_dir):
+    with pytest.raises(ValueError, match="no checkpoints folder"):
+        predict.load_model(tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint '7' not in"):
+        predict.load_model(run_dir, "7")
+    model = predict.load_model(run_dir, "best")
+    assert model.step == 6 and model.image_size == SIZE
+    assert (model.pixel_mean, model.pixel_std) == (120.0, 60.0)
+
+
+def test_one_compilation_across_calls_for_the_same_model(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.full((300 + 10 * i, 200), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    traces = []
+    model = _identity_model(traces)
+    files = predict.find_inputs([tmp_path])
+    predict.predict_files(model, files, tmp_path / "a", batch_size=2, overlays=False)
+    predict.predict_files(model, files[1:], tmp_path / "b", batch_size=2, overlays=False)
+    assert traces == [(2, SIZE, SIZE, 1)]
+    # A single file runs at batch 1 rather than padding to the batch size.
+    predict.predict_files(model, files[:1], tmp_path / "c", batch_size=2, overlays=False)
+    assert traces == [(2, SIZE, SIZE, 1), (1, SIZE, SIZE, 1)]
+    assert not list((tmp_path / "a").glob("*_overlay.png"))
+    assert len(list((tmp_path / "a").glob("*.json"))) == 3
+
+
+def test_load_model_applies_the_configured_postprocessing(tmp_path, monkeypatch):
+    """With post-processing on, the prior is fitted on the run's training labels."""
+    import grain
+    from flax.training import train_state
+
+    from configs import test as test_config
+    from vertjax import checkpoints, data, postprocess, train
+
+    config = test_config.get_config()
+    config.postprocess.enabled = True
+    shapes = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes.params))
+    state = train_state.TrainState.create(
+        apply_fn=None, params=params, tx=train.make_optimizer(config)
+    )
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
+    ckpt.save(
+        3,
+        state=state,
+        data_iterator=iter(grain.MapDataset.range(2).to_iter_dataset()),
+        config=config,
+        meta={"train_seconds": 0.0, "validation": None},
+        metrics={"id_accuracy": 0.5},
+    )
+    ckpt.close()
+    # Vertebrae 20 model px apart, straight down: the fitted prior must say so.
+    ys = 20.0 + 15.0 * np.arange(vertebrae.K)
+    centroids = np.stack([np.full(vertebrae.K, 132.0), ys], 1) / SIZE
+    records = [{"centroids": centroids, "labeled": np.ones(vertebrae.K, bool)}] * 3
+
+    class Builder:
+        class info:  # noqa: N801 - mimics tfds' builder.info
+            metadata = {"pixel_mean": 90.0, "pixel_std": 30.0}
+
+        def as_data_source(self, split):
+            assert split == "train"
+            return records
+
+    requested = []
+    monkeypatch.setattr(
+        data, "get_builder", lambda name, **kw: requested.append((name, kw)) or Builder()
+    )
+    model = predict.load_model(tmp_path, "best")
+    assert requested == [
+        ("synthetic_small", {"data_dir": None, "manual_dir": None, "build": False})
+    ]
+    assert (model.pixel_mean, model.pixel_std) == (90.0, 30.0)
+    assert model.locate.func is postprocess.apply
+    prior = model.locate.keywords["prior"]
+    np.testing.assert_allclose(prior.mean, np.full(vertebrae.K - 1, 15.0), rtol=1e-5)
+    points, confidence = predict.make_infer(model)(np.zeros((2, SIZE, SIZE), np.uint8))
+    assert points.shape == (2, vertebrae.K, 2) and confidence.shape == (2, vertebrae.K)
