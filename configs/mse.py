@@ -1,0 +1,20 @@
+"""Loss mse: the default configuration trained with the paper's mse loss.
+
+Command:
+  python -m vertjax.main --config=configs/mse.py
+
+Time and result: not yet measured as a full run; the model, data and step
+are those of configs/l3.py, whose docstring gives the measured step time.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the default configuration with loss 'mse'."""
+    config = default.get_config()
+    config.name = "mse"
+    config.loss = "mse"
+    return config

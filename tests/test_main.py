@@ -1,0 +1,186 @@
+"""End-to-end tests of `python -m vertjax.main` with configs/test.py.
+
+The command runs in subprocesses, as a user runs it, on `synthetic_small`
+built once per session into a temporary data_dir. A shared persistent
+compilation cache lets the later runs skip most of XLA's compile time.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from vertjax import checkpoints, evaluate, run_log, train
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_KEYS = {
+    "config",
+    "loss",
+    "dataset",
+    "split",
+    "id_accuracy",
+    "rmse_px",
+    "mean_error_px",
+    "n_labelled",
+    "steps",
+    "train_seconds",
+    "per_vertebra",
+}
+# Dies like SIGKILL right after checkpoint 3 is on disk.
+_KILLED_AFTER_3 = """
+import os, sys
+from absl import app
+from vertjax import checkpoints, main
+save = checkpoints.Checkpointer.save
+def save_then_die(self, step, **kwargs):
+    save(self, step, **kwargs)
+    if step == 3:
+        os._exit(137)
+checkpoints.Checkpointer.save = save_then_die
+sys.argv = ['vertjax.main'] + sys.argv[1:]
+app.run(main.main)
+"""
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.getbasetemp() / "vertjax_tfds"
+    # Built in a child process: the builder's workers must not fork this
+    # process, where JAX's threads already run. A built dataset is reused.
+    command = [sys.executable, "-m", "vertjax.data", "build", "--config=synthetic_small"]
+    done = subprocess.run(
+        [*command, f"--data_dir={path}"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
+
+
+def _run(env, data_dir, workdir, *flags, script=None, expect=0):
+    command = [sys.executable]
+    command += ["-c", script] if script else ["-m", "vertjax.main"]
+    command += [
+        "--config=configs/test.py",
+        f"--config.dataset.data_dir={data_dir}",
+        f"--workdir={workdir}",
+        "--alsologtostderr",
+        *flags,
+    ]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == expect, done.stderr[-3000:]
+    return done.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, env, data_dir):
+    """A finished 6-step run of configs/test.py (do not modify; copy it)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    log = _run(env, data_dir, workdir)
+    return workdir, log
+
+
+def _params(workdir, step):
+    config = test_config.get_config()
+    mesh = train.make_mesh(1)
+    ckpt = checkpoints.Checkpointer(str(Path(workdir) / "checkpoints"), keep=1)
+    state, _ = ckpt.restore(step, state=train.abstract_train_state(config, mesh))
+    ckpt.close()
+    return jax.device_get(state.params)
+
+
+def test_train_writes_checkpoints_logs_and_results(trained):
+    workdir, log = trained
+    assert "training steps 1 to 6" in log
+    results = json.loads((workdir / evaluate.RESULTS_JSON).read_text())
+    assert RESULT_KEYS <= set(results)
+    assert results["config"] == "test" and results["loss"] == "l3"
+    assert results["dataset"] == "synthetic_small" and results["split"] == "test"
+    assert results["steps"] in (3, 6) and results["train_seconds"] > 0
+    assert results["n_labelled"] > 0 and 0.0 <= results["id_accuracy"] <= 1.0
+    assert len(results["per_vertebra"]) == 13
+    table = (workdir / evaluate.RESULTS_MD).read_text()
+    assert "| T4 |" in table and "| L4 |" in table
+    events = run_log.read_metrics(str(workdir))
+    assert [e["step"] for e in events if e["kind"] == "train"] == [2, 4, 6]
+    assert [e["step"] for e in events if e["kind"] == "validation"] == [3, 6]
+    assert all(np.isfinite(e["loss"]) for e in events if e["kind"] == "train")
+    assert any(
+        p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir()
+    )
+    # keep_checkpoints=1: the latest, plus the best by validation ID accuracy.
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 6 and set(steps) <= {3, 6}
+
+
+def test_rerun_in_the_same_workdir_resumes(trained, tmp_path, env, data_dir):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    log = _run(env, data_dir, workdir, "--config.train_steps=8")
+    assert "at step 6" in log and "training steps 7 to 8" in log
+    assert "training steps 1 to" not in log
+    events = run_log.read_metrics(str(workdir))
+    assert [e["step"] for e in events if e["kind"] == "train"] == [2, 4, 6, 8]
+    assert json.loads((workdir / evaluate.RESULTS_JSON).read_text())["steps"] in (3, 6, 8)
+
+
+def test_evaluate_mode_reads_the_chosen_checkpoint(trained, tmp_path, env, data_dir):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    (workdir / evaluate.RESULTS_JSON).unlink()
+    _run(env, data_dir, workdir, "--mode=evaluate", "--split=validation", "--checkpoint=latest")
+    results = json.loads((workdir / evaluate.RESULTS_JSON).read_text())
+    assert RESULT_KEYS <= set(results)
+    assert results["split"] == "validation" and results["steps"] == 6
+    assert not (workdir / "checkpoints" / "7").exists()
+
+
+def test_killed_run_resumes_to_the_same_parameters(trained, tmp_path, env, data_dir):
+    workdir = tmp_path / "run"
+    _run(env, data_dir, workdir, script=_KILLED_AFTER_3, expect=137)
+    ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"))
+    assert ckpt.all_steps() == [3]
+    ckpt.close()
+    log = _run(env, data_dir, workdir)
+    assert "training steps 4 to 6" in log
+    resumed, uninterrupted = _params(workdir, 6), _params(trained[0], 6)
+    jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+    a = json.loads((workdir / evaluate.RESULTS_JSON).read_text())
+    b = json.loads((trained[0] / evaluate.RESULTS_JSON).read_text())
+    assert {k: v for k, v in a.items() if k != "train_seconds"} == {
+        k: v for k, v in b.items() if k != "train_seconds"
+    }
+    losses = [
+        [e["loss"] for e in run_log.read_metrics(str(w)) if e["kind"] == "train"]
+        for w in (workdir, trained[0])
+    ]
+    assert losses[0] == losses[1]
+
+
+def test_config_faults_exit_with_a_message(tmp_path, env, data_dir):
+    log = _run(env, data_dir, tmp_path / "run", "--config.loss=l9", expect=1)
+    assert "unknown loss 'l9'" in log
+
+
+def test_evaluate_without_checkpoints_is_a_clear_error(tmp_path, data_dir):
+    config = test_config.get_config()
+    config.dataset.data_dir = data_dir
+    with pytest.raises(ValueError, match="no checkpoints directory; train first"):
+        train.evaluate_checkpoint(config, str(tmp_path), split="test")

@@ -1,0 +1,260 @@
+"""Evaluation: the jit eval step, one pass over a split, and the results files.
+
+The eval step runs the U-Net, decodes each heatmap layer to a point (or
+applies the anatomical-order post-processing when configured) and returns
+the sums and counts of `metrics.batch_sums`; the host adds them over the
+batches and divides once (`metrics.summarize`). Padded examples of the last
+batch carry mask False and count nowhere.
+
+Outputs in the workdir: `results.json` (config, loss, dataset, split,
+checkpoint step, steps, train_seconds and every metric) and `results.md`
+(the same as tables, one row per vertebra).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vertjax import heatmaps, input_pipeline, metrics, postprocess
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+def eval_step(
+    params: Any,
+    batch: dict[str, jax.Array],
+    prior: Any,
+    *,
+    apply_fn: Callable[..., jax.Array],
+    image_size: int,
+    threshold: float,
+    top_m: int,
+    min_confidence: float,
+    use_postprocess: bool,
+    fallback_spacing_px: float | None,
+) -> dict[str, jax.Array]:
+    """Metric sums and counts for one batch.
+
+    Args:
+      params: model parameters.
+      batch: image [B, S, S, 1], centroids [B, K, 2], labeled [B, K],
+        truth_centroids [B, K, 2], truth_visible [B, K], original_size [B, 2],
+        pixel_spacing_mm [B], mask [B].
+      prior: `postprocess.fit_prior` output, or None without post-processing.
+      apply_fn, image_size, threshold, top_m, min_confidence, use_postprocess,
+        fallback_spacing_px: plain values bound with functools.partial.
+
+    Returns:
+      `metrics.batch_sums` of the batch (arrays of sums and counts).
+    """
+    predicted = apply_fn({"params": params}, batch["image"], train=False).astype(jnp.float32)
+    if use_postprocess:
+        points, confidence = postprocess.apply(
+            predicted, prior, top_m=top_m, min_confidence=min_confidence
+        )
+    else:
+        points, confidence = heatmaps.decode(predicted)
+    return metrics.batch_sums(
+        points=points,
+        confidence=confidence,
+        centroids=batch["centroids"],
+        labeled=batch["labeled"],
+        truth_centroids=batch["truth_centroids"],
+        truth_visible=batch["truth_visible"],
+        original_size=batch["original_size"],
+        pixel_spacing_mm=batch["pixel_spacing_mm"],
+        mask=batch["mask"],
+        image_size=image_size,
+        threshold=threshold,
+        fallback_spacing_px=fallback_spacing_px,
+    )
+
+
+def fit_prior(source: Sequence[Any], image_size: int) -> Any:
+    """The post-processing prior from the labelled centroids of a (training) split."""
+    centroids = np.stack(
+        [np.asarray(source[i]["centroids"], np.float32) for i in range(len(source))]
+    )
+    labeled = np.stack([np.asarray(source[i]["labeled"], bool) for i in range(len(source))])
+    return postprocess.fit_prior(centroids * image_size, labeled)
+
+
+class Evaluator:
+    """Evaluates parameters on a split with one jit-compiled eval step.
+
+    Args:
+      config: the run config (read here, never inside traced code).
+      mesh: the device mesh; batches are split along its 'data' axis.
+      apply_fn: the model's apply function.
+      mean, std: the training split's pixel statistics.
+      train_source: records to fit the post-processing prior on (needed only
+        when config.postprocess.enabled).
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: jax.sharding.Mesh,
+        *,
+        apply_fn: Callable[..., jax.Array],
+        mean: float,
+        std: float,
+        train_source: Sequence[Any] | None = None,
+    ):
+        self.mesh = mesh
+        self.batch_size = int(config.eval_batch_size)
+        self.image_size = int(config.image_size)
+        self.mean, self.std = float(mean), float(std)
+        self.read_threads = int(config.read_threads)
+        use_postprocess = bool(config.postprocess.enabled)
+        self.prior = None
+        if use_postprocess:
+            if train_source is None:
+                raise ValueError(
+                    "config.postprocess.enabled needs the training split for its prior"
+                )
+            self.prior = fit_prior(train_source, self.image_size)
+        step = functools.partial(
+            eval_step,
+            apply_fn=apply_fn,
+            image_size=self.image_size,
+            threshold=float(config.presence_threshold),
+            top_m=int(config.postprocess.top_m),
+            min_confidence=float(config.postprocess.min_confidence),
+            use_postprocess=use_postprocess,
+            fallback_spacing_px=float(config.fallback_spacing_px) or None,
+        )
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        self._step = jax.jit(step, in_shardings=(rep, data, rep), out_shardings=rep)
+
+    def run(self, params: Any, source: Sequence[Any], *, max_batches: int = 0) -> dict[str, Any]:
+        """`metrics.summarize` over `source` (the first `max_batches` batches if > 0)."""
+        total = None
+        for batch in input_pipeline.eval_batches(
+            source,
+            batch_size=self.batch_size,
+            mean=self.mean,
+            std=self.std,
+            image_size=self.image_size,
+            max_batches=max_batches,
+            read_threads=self.read_threads,
+        ):
+            sums = self._step(params, input_pipeline.put_batch(batch, self.mesh), self.prior)
+            total = metrics.accumulate(total, jax.device_get(sums))
+        if total is None:
+            raise ValueError("the split gave no batches to evaluate")
+        return metrics.summarize(total)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def results_record(
+    summary: dict[str, Any],
+    *,
+    config: ml_collections.ConfigDict,
+    split: str,
+    checkpoint_step: int,
+    train_seconds: float,
+) -> dict[str, Any]:
+    """The `results.json` content: run identity first, then every metric.
+
+    Non-finite numbers (e.g. an RMSE with nothing correct) become null.
+    """
+    record = {
+        "config": config.name,
+        "loss": config.loss,
+        "dataset": config.dataset.name,
+        "split": split,
+        "steps": int(checkpoint_step),
+        "train_seconds": float(train_seconds),
+        "postprocess": bool(config.postprocess.enabled),
+    }
+    record.update(summary)
+    return _plain(record)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def results_markdown(record: dict[str, Any]) -> str:
+    """A human-readable page: the run, the overall metrics, one row per vertebra."""
+    lines = [
+        f"# Results: {record['config']} ({record['loss']} loss) on {record['dataset']}/{record['split']}",
+        "",
+        f"Checkpoint step {record['steps']}, {record['train_seconds']:.0f} s of training, "
+        f"post-processing {'on' if record['postprocess'] else 'off'}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    skip = {
+        "config",
+        "loss",
+        "dataset",
+        "split",
+        "steps",
+        "train_seconds",
+        "postprocess",
+        "per_vertebra",
+    }
+    for key, value in record.items():
+        if key not in skip and not isinstance(value, (dict, list)):
+            lines.append(f"| {key} | {_cell(value)} |")
+    per_vertebra = record.get("per_vertebra") or {}
+    if per_vertebra:
+        columns: list[str] = []
+        for row in per_vertebra.values():
+            columns += [c for c in row if c not in columns]
+        lines += ["", "## Per vertebra", "", "| vertebra | " + " | ".join(columns) + " |"]
+        lines.append("|---" * (len(columns) + 1) + "|")
+        for name, row in per_vertebra.items():
+            lines.append(f"| {name} | " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: str, record: dict[str, Any]) -> None:
+    """Writes `results.json` and `results.md` into `workdir` (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    # Write beside and rename, so that a crash never leaves half a file.
+    for name, text in (
+        (RESULTS_JSON, json.dumps(record, indent=2) + "\n"),
+        (RESULTS_MD, results_markdown(record)),
+    ):
+        path = os.path.join(workdir, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)

@@ -1,0 +1,61 @@
+"""Command line: train and evaluate a configuration, or evaluate a workdir.
+
+  python -m vertjax.main --config=configs/l3.py
+      trains in runs/l3 (resuming if it holds checkpoints), then evaluates the
+      best checkpoint on the test split: runs/l3/results.json and results.md.
+  python -m vertjax.main --config=configs/l3.py --mode=evaluate \
+      --split=validation --checkpoint=latest
+
+Config fields are overridden on the command line, e.g.
+`--config.train_steps=500`. The logic lives in vertjax.train.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vertjax import checkpoints, data, run_log, train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config name>.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train then test, or evaluate.")
+_SPLIT = flags.DEFINE_string("split", None, "Split for --mode=evaluate; default config.eval_split.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    run_log.quiet_libraries()
+    config = _CONFIG.value
+    if config.mesh.distributed:
+        jax.distributed.initialize()
+    workdir = _WORKDIR.value or os.path.join("runs", config.name)
+    logging.info("workdir %s, %d device(s): %s", workdir, jax.device_count(), jax.devices())
+    try:
+        if _MODE.value == "train":
+            train.train_and_evaluate(config, workdir)
+        else:
+            train.evaluate_checkpoint(
+                config,
+                workdir,
+                split=_SPLIT.value or config.eval_split,
+                checkpoint=_CHECKPOINT.value,
+            )
+    except (ValueError, data.DataError, checkpoints.CheckpointError, train.NonFiniteLossError) as e:
+        # Config and data faults end with their message and exit status 1,
+        # not a traceback.
+        logging.error("%s", e)
+        raise SystemExit(f"vertjax: {e}") from e
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,602 @@
+"""Training: the jit train step, on-device augmentation and the training loop.
+
+One `jax.jit` step renders the Gaussian targets on device from the batch
+centroids, runs the U-Net, applies the configured loss (`losses.get`) and an
+optax Adam update with warm-up and decay. Everything runs on a
+`jax.sharding.Mesh` with one 'data' axis: the batch is split along it,
+parameters and optimiser state are replicated. The loop validates every
+`eval_every` steps, checkpoints state + data position + config with orbax,
+logs to TensorBoard and `metrics.jsonl`, and resumes from the workdir.
+
+Shapes: S = config.image_size, K = 13, B = global batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from vertjax import checkpoints, data, evaluate, heatmaps, input_pipeline, losses, models, run_log
+
+TrainState = train_state.TrainState
+DATA_AXIS = "data"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def make_mesh(num_data: int = -1) -> jax.sharding.Mesh:
+    """A 1-D mesh over `num_data` devices (-1 = all) with axis 'data'."""
+    devices = jax.devices()
+    n = len(devices) if num_data in (-1, 0) else num_data
+    if not 0 < n <= len(devices):
+        raise ValueError(f"config.mesh.data={num_data} but {len(devices)} device(s) are available")
+    # jax 0.10 makes explicit axes the default; Auto keeps jit's sharding
+    # propagation for the convolutions.
+    return jax.make_mesh(
+        (n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n]
+    )
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str = "batch_size") -> None:
+    """ValueError unless the global batch splits evenly over the data axis."""
+    n = mesh.shape[DATA_AXIS]
+    if batch_size <= 0 or batch_size % n:
+        raise ValueError(
+            f"config.{what}={batch_size} must be a positive multiple of the {n} device(s) "
+            "on the mesh's data axis"
+        )
+
+
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def data_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+
+
+def make_model(config: ml_collections.ConfigDict) -> models.UNet:
+    """The U-Net that `config.model` describes."""
+    m = config.model
+    if m.dtype not in _DTYPES:
+        raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of {sorted(_DTYPES)}")
+    return models.UNet(
+        features=m.features,
+        depth=m.depth,
+        norm=m.norm,
+        upsample=m.upsample,
+        output_bias_init=m.output_bias_init,
+        zero_init_output=m.zero_init_output,
+        dtype=_DTYPES[m.dtype],
+        max_features=m.max_features or None,
+        activation=m.activation,
+        bottleneck_dilations=tuple(m.bottleneck_dilations),
+        global_context=m.global_context,
+    )
+
+
+def make_learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to the peak, then cosine, linear or no decay to the end."""
+    o = config.optimizer
+    peak = o.learning_rate
+    end = peak * o.end_learning_rate_factor
+    warmup = min(o.warmup_steps, config.train_steps)
+    rest = max(config.train_steps - warmup, 1)
+    if o.decay == "cosine":
+        decay = optax.cosine_decay_schedule(peak, rest, alpha=o.end_learning_rate_factor)
+    elif o.decay == "linear":
+        decay = optax.linear_schedule(peak, end, rest)
+    elif o.decay == "constant":
+        decay = optax.constant_schedule(peak)
+    else:
+        raise ValueError(
+            f"config.optimizer.decay={o.decay!r}: expected one of 'cosine', 'linear', 'constant'"
+        )
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam on the learning-rate schedule, after optional global-norm clipping."""
+    o = config.optimizer
+    adam = optax.adam(make_learning_rate(config), b1=o.b1, b2=o.b2, eps=o.eps)
+    if o.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), adam)
+    return adam
+
+
+def init_key(seed: int) -> jax.Array:
+    """The parameter-initialisation key of a seed.
+
+    The 'rbg' generator: XLA on CPU compiles the U-Net's initialisers in
+    about 30 s with the default threefry generator, in about 6 s with rbg.
+    Parameters are drawn once on one device, so rbg's dependence on
+    partitioning does not matter here.
+    """
+    return jax.random.key(seed, impl="rbg")
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
+    """The TrainState's structure as replicated ShapeDtypeStructs, to restore into.
+
+    Costs no initialisation: shapes come from `jax.eval_shape`.
+    """
+    shapes = jax.eval_shape(functools.partial(create_train_state, config), init_key(0))
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
+    """A fresh TrainState (params from `rng`, step 0) on the default device."""
+    model = make_model(config)
+    s = config.image_size
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(rng, jnp.zeros((1, s, s, 1), jnp.float32))
+    if set(variables) != {"params"}:
+        raise ValueError(
+            f"the model has mutable collections {sorted(set(variables) - {'params'})}; "
+            "TrainState here carries params only"
+        )
+    state = TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=make_optimizer(config)
+    )
+    # A strongly typed int32 step: the first call then has the same signature
+    # as all later ones, so the jitted step compiles once.
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Augmentation ranges; plain values so that it can be bound with partial."""
+
+    rotate_degrees: float = 0.0
+    scale: float = 0.0
+    shift: float = 0.0
+    contrast: float = 0.0
+    brightness: float = 0.0
+    gamma: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> Augment | None:
+        a = config.augment
+        if not a.enabled:
+            return None
+        return cls(
+            rotate_degrees=float(a.rotate_degrees),
+            scale=float(a.scale),
+            shift=float(a.shift),
+            contrast=float(a.contrast),
+            brightness=float(a.brightness),
+            gamma=float(a.gamma),
+        )
+
+
+def _augment_one(
+    rng: jax.Array, image: jax.Array, points: jax.Array, labeled: jax.Array, *, aug: Augment
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One example: image [S, S, 1], points [K, 2] model px, labeled [K]."""
+    size = image.shape[0]
+    # One draw for all seven factors: each separate threefry call costs XLA
+    # seconds of compile time on CPU.
+    u = jax.random.uniform(rng, (7,), minval=-1.0, maxval=1.0)
+    angle = jnp.deg2rad(u[0] * aug.rotate_degrees)
+    zoom = 1.0 + u[1] * aug.scale
+    shift = u[2:4] * aug.shift * size
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    rotation = jnp.array([[cos, -sin], [sin, cos]])
+    centre = jnp.array([size / 2.0, size / 2.0])
+
+    # Forward map of points: p' = zoom * R (p - c) + c + shift. Pixels are
+    # resampled through the inverse map at each output pixel centre.
+    moved = (points - centre) @ rotation.T * zoom + centre + shift
+    coords = jnp.arange(size, dtype=jnp.float32) + 0.5
+    grid = jnp.stack(jnp.meshgrid(coords, coords, indexing="xy"), axis=-1)  # [S, S, (x, y)]
+    source = (grid - centre - shift) @ rotation / zoom + centre
+    # Outside the source image reads as its darkest value: sample the image
+    # minus its minimum with zero padding (map_coordinates' cval is static).
+    fill = jnp.min(image)
+    warped = fill + jax.scipy.ndimage.map_coordinates(
+        image[..., 0] - fill,
+        [source[..., 1] - 0.5, source[..., 0] - 0.5],
+        order=1,
+        mode="constant",
+        cval=0.0,
+    )
+
+    # Gamma on the image's own [min, max] range, then gain and offset.
+    lo, hi = jnp.min(warped), jnp.max(warped)
+    span = jnp.maximum(hi - lo, 1e-6)
+    log_gamma = u[4] * math.log1p(aug.gamma)
+    unit = jnp.clip((warped - lo) / span, 0.0, 1.0) ** jnp.exp(log_gamma)
+    gain = 1.0 + u[5] * aug.contrast
+    offset = u[6] * aug.brightness
+    out = (lo + unit * span) * gain + offset
+
+    inside = jnp.all((moved >= 0.0) & (moved < size), axis=-1)
+    return out[..., None], moved, labeled & inside
+
+
+def augment(
+    rng: jax.Array, images: jax.Array, points: jax.Array, labeled: jax.Array, aug: Augment
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Random similarity transform + intensity changes, per example.
+
+    Args:
+      rng: PRNG key for the batch.
+      images: [B, S, S, 1] float32, normalised.
+      points: [B, K, 2] centroids in model pixels.
+      labeled: [B, K] bool.
+      aug: ranges.
+
+    Returns:
+      (images [B, S, S, 1], points [B, K, 2], labeled [B, K]); a centroid moved
+      out of the image is no longer labelled.
+    """
+    keys = jax.random.split(rng, images.shape[0])
+    return jax.vmap(functools.partial(_augment_one, aug=aug))(keys, images, points, labeled)
+
+
+def sigma_at(step: jax.Array, *, sigma: float, sigma_start: float, decay_steps: int) -> jax.Array:
+    """Target width at `step`: linear from sigma_start to sigma over decay_steps."""
+    if decay_steps <= 0:
+        return jnp.asarray(sigma, jnp.float32)
+    frac = jnp.clip(step.astype(jnp.float32) / decay_steps, 0.0, 1.0)
+    return jnp.asarray(sigma_start + (sigma - sigma_start) * frac, jnp.float32)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    loss_fn: losses.LossFn,
+    image_size: int,
+    sigma: float,
+    sigma_start: float,
+    sigma_decay_steps: int,
+    learning_rate_fn: optax.Schedule,
+    aug: Augment | None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step.
+
+    Args:
+      state: TrainState (donated by the jitted wrapper).
+      batch: image [B, S, S, 1] float32, centroids [B, K, 2] normalised,
+        labeled [B, K] bool (other fields are ignored).
+      rng: base PRNG key; folded with the step for this step's augmentation.
+      loss_fn, image_size, sigma, sigma_start, sigma_decay_steps,
+        learning_rate_fn, aug: plain values bound with functools.partial.
+
+    Returns:
+      (new state, metrics: loss, grad_norm, learning_rate, sigma; scalars).
+    """
+    images = batch["image"]
+    points = batch["centroids"] * image_size
+    labeled = batch["labeled"]
+    if aug is not None:
+        images, points, labeled = augment(
+            jax.random.fold_in(rng, state.step), images, points, labeled, aug
+        )
+    width = sigma_at(
+        state.step, sigma=sigma, sigma_start=sigma_start, decay_steps=sigma_decay_steps
+    )
+    targets = heatmaps.render(points, labeled, height=image_size, width=image_size, sigma=width)
+
+    def loss_of(params):
+        predictions = state.apply_fn({"params": params}, images, train=True)
+        per_example = loss_fn(
+            predictions=predictions.astype(jnp.float32), targets=targets, labeled=labeled
+        )
+        return losses.mean(per_example)
+
+    loss, grads = jax.value_and_grad(loss_of)(state.params)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": learning_rate_fn(state.step),
+        "sigma": width,
+    }
+    return state.apply_gradients(grads=grads), metrics
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+) -> Callable[
+    [TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]
+]:
+    """The jitted train step for `config` on `mesh` (state donated)."""
+    step = functools.partial(
+        train_step,
+        loss_fn=losses.get(config.loss),
+        image_size=int(config.image_size),
+        sigma=float(config.sigma),
+        sigma_start=float(config.sigma_start),
+        sigma_decay_steps=int(config.sigma_decay_steps),
+        learning_rate_fn=make_learning_rate(config),
+        aug=Augment.from_config(config),
+    )
+    rep, shard = replicated(mesh), data_sharded(mesh)
+    return jax.jit(step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep), donate_argnums=0)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished (or already complete) training run leaves behind."""
+
+    step: int
+    train_seconds: float
+    best_step: int | None
+    last_validation: dict[str, Any] | None
+
+
+def _check_finite(
+    pending: list[tuple[int, dict[str, jax.Array]]],
+) -> list[tuple[int, dict[str, float]]]:
+    """Fetches the pending step metrics; NonFiniteLossError names the first bad step."""
+    fetched = [(step, jax.device_get(m)) for step, m in pending]
+    for step, m in fetched:
+        if not np.isfinite(m["loss"]):
+            raise NonFiniteLossError(
+                f"non-finite training loss {float(m['loss'])} at step {step}; the last "
+                "checkpoint before it is kept and this state is not saved"
+            )
+    return [(step, {k: float(v) for k, v in m.items()}) for step, m in fetched]
+
+
+def _config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    current = config.to_dict()
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = []
+            for key in sorted(set(a) | set(b)):
+                out += walk(a.get(key), b.get(key), f"{prefix}{key}.")
+            return out
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+    return walk(saved, current, "")
+
+
+def open_dataset(config: ml_collections.ConfigDict) -> Any:
+    """The configured TFDS builder, built on first use."""
+    d = config.dataset
+    return data.get_builder(
+        d.name, data_dir=d.data_dir or None, manual_dir=d.manual_dir or None, build=True
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir`, then evaluates its best checkpoint.
+
+    Returns the `results.json` record of the best checkpoint (by validation
+    ID accuracy) on `config.eval_split`; see `train` and `evaluate_checkpoint`.
+    """
+    train(config, workdir)
+    return evaluate_checkpoint(config, workdir, split=config.eval_split, checkpoint="best")
+
+
+def _check_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """Fails fast on config faults; returns the device mesh."""
+    losses.get(config.loss)
+    for name in ("train_steps", "log_every", "eval_every", "checkpoint_every", "image_size"):
+        if int(config[name]) <= 0:
+            raise ValueError(f"config.{name} must be positive, got {config[name]}")
+    mesh = make_mesh(config.mesh.data)
+    check_batch_size(config.batch_size, mesh)
+    check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    return mesh
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    split: str,
+    checkpoint: str | int = "best",
+) -> dict[str, Any]:
+    """Evaluates a checkpoint of `workdir` on `split`; writes results.json/.md.
+
+    Args:
+      config: the run config (the model must match the checkpoint's).
+      workdir: the training run's directory.
+      split: dataset split, e.g. 'test'.
+      checkpoint: 'best' (validation ID accuracy), 'latest' or a step number.
+
+    Returns:
+      The results record (as written to `<workdir>/results.json`).
+    """
+    workdir = os.path.abspath(workdir)
+    mesh = _check_config(config)
+    builder = open_dataset(config)
+    mean, std = data.pixel_stats(builder)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise ValueError(f"{workdir} has no checkpoints directory; train first (--mode=train)")
+    ckpt = checkpoints.Checkpointer(ckpt_dir, read_only=True)
+    try:
+        step = ckpt.resolve(checkpoint)
+        state, meta = ckpt.restore(step, state=abstract_train_state(config, mesh))
+    finally:
+        ckpt.close()
+    train_source = builder.as_data_source("train") if config.postprocess.enabled else None
+    evaluator = evaluate.Evaluator(
+        config, mesh, apply_fn=state.apply_fn, mean=mean, std=std, train_source=train_source
+    )
+    summary = evaluator.run(state.params, builder.as_data_source(split))
+    record = evaluate.results_record(
+        summary,
+        config=config,
+        split=split,
+        checkpoint_step=step,
+        train_seconds=float(meta.get("train_seconds", 0.0)),
+    )
+    evaluate.write_results(workdir, record)
+    logging.info(
+        "checkpoint %d on %s: id_accuracy %s, rmse_px %s (%s)",
+        step,
+        split,
+        record.get("id_accuracy"),
+        record.get("rmse_px"),
+        os.path.join(workdir, evaluate.RESULTS_JSON),
+    )
+    return record
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+    Validates on `config.val_split` every `eval_every` steps and at the end,
+    checkpoints every `checkpoint_every` steps and at the end, and logs to
+    `<workdir>/tensorboard` and `<workdir>/metrics.jsonl`.
+
+    Raises:
+      NonFiniteLossError: the loss became NaN/inf; names the step.
+      ValueError: a config that cannot work (batch size vs devices, names).
+    """
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = _check_config(config)
+
+    builder = open_dataset(config)
+    mean, std = data.pixel_stats(builder)
+    train_source = builder.as_data_source("train")
+    val_source = builder.as_data_source(config.val_split)
+    logging.info(
+        "dataset %s: %d train, %d %s records; pixel mean %.2f std %.2f",
+        config.dataset.name,
+        len(train_source),
+        len(val_source),
+        config.val_split,
+        mean,
+        std,
+    )
+
+    train_data = input_pipeline.train_dataset(
+        train_source,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        mean=mean,
+        std=std,
+        image_size=config.image_size,
+        num_workers=config.num_workers,
+        read_threads=config.read_threads,
+    )
+    train_iter = iter(train_data)
+    # Augmentation keys: threefry, which gives the same numbers however the
+    # batch is partitioned; folded with the step inside the train step.
+    step_rng = jax.device_put(jax.random.key(config.seed + 1), replicated(mesh))
+
+    ckpt = checkpoints.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+    )
+    meta: dict[str, Any] = {"train_seconds": 0.0, "validation": None}
+    start = ckpt.latest_step()
+    if start is None:
+        state = jax.device_put(create_train_state(config, init_key(config.seed)), replicated(mesh))
+    else:
+        for line in _config_differences(ckpt.restore_config(start), config):
+            logging.warning("config differs from the checkpoint: %s", line)
+        state, meta = ckpt.restore(
+            start, state=abstract_train_state(config, mesh), data_iterator=train_iter
+        )
+        logging.info("resumed from %s at step %d", ckpt.directory, start)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    logging.info("model: %d parameters", n_params)
+    start = int(jax.device_get(state.step))
+
+    evaluator = evaluate.Evaluator(
+        config, mesh, apply_fn=state.apply_fn, mean=mean, std=std, train_source=train_source
+    )
+    writer = run_log.MetricWriter(workdir)
+    writer.drop_after(start)
+    progress = run_log.Progress(config.train_steps)
+    step_fn = make_train_step(config, mesh)
+    train_seconds = float(meta.get("train_seconds", 0.0))
+    validation = meta.get("validation")
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    # Losses since the last log line; saved with checkpoints so that a resumed
+    # run logs the same means as an uninterrupted one.
+    window = [float(x) for x in meta.get("loss_window", [])]
+    if start < config.train_steps:
+        logging.info("training steps %d to %d", start + 1, config.train_steps)
+    t_last = time.perf_counter()
+    try:
+        for step in range(start + 1, config.train_steps + 1):
+            batch = input_pipeline.put_batch(next(train_iter), mesh)
+            state, metrics = step_fn(state, batch, step_rng)
+            pending.append((step, metrics))
+            last = step == config.train_steps
+            do_log = step % config.log_every == 0 or last
+            do_eval = step % config.eval_every == 0 or last
+            do_save = step % config.checkpoint_every == 0 or last
+            if not (do_log or do_eval or do_save):
+                continue
+            fetched = _check_finite(pending)
+            pending = []
+            window += [m["loss"] for _, m in fetched]
+            now = time.perf_counter()
+            train_seconds += now - t_last
+            t_last = now
+            if do_log:
+                rate = progress.report(step)
+                mean_loss = float(np.mean(window))
+                window = []
+                writer.write(step, "train", {**fetched[-1][1], "loss": mean_loss, **rate})
+            fresh = None
+            if do_eval:
+                fresh = evaluator.run(state.params, val_source, max_batches=config.val_max_batches)
+                validation = {k: v for k, v in fresh.items() if k != "per_vertebra"}
+                writer.write(step, "validation", validation)
+                logging.info(
+                    "step %d validation: id_accuracy %.4f, rmse_px %.2f",
+                    step,
+                    fresh["id_accuracy"],
+                    fresh["rmse_px"],
+                )
+            if do_save:
+                meta = {
+                    "train_seconds": train_seconds,
+                    "validation": validation,
+                    "loss_window": window,
+                    # Inference needs these, and need not open the dataset for them.
+                    "pixel_mean": mean,
+                    "pixel_std": std,
+                }
+                ckpt.save(
+                    step,
+                    state=state,
+                    data_iterator=train_iter,
+                    config=config,
+                    meta=meta,
+                    metrics=fresh,
+                )
+            t_last = time.perf_counter()
+    finally:
+        writer.close()
+    result = TrainResult(
+        step=int(jax.device_get(state.step)),
+        train_seconds=train_seconds,
+        best_step=ckpt.best_step(),
+        last_validation=validation,
+    )
+    ckpt.close()
+    return result
