@@ -91,6 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
     # vertebrae; 0 leaves their vertebrae out of the identification metrics.
     config.fallback_spacing_px = 0.0
     config.eval_split = "test"  # split evaluated after training
+    # Checkpoint evaluated after training: 'best' (by validation ID accuracy)
+    # or 'latest'; use 'latest' when eval_split is the validation split itself,
+    # so that the reported figure is not the one the checkpoint was chosen by.
+    config.eval_checkpoint = "best"
     config.postprocess = ml_collections.ConfigDict()
     config.postprocess.enabled = False  # anatomical-order clean-up of the decoded points
     config.postprocess.top_m = 3  # local maxima per layer considered
@@ -100,9 +104,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_workers = 0  # grain worker processes; 0 = read in the main process
     config.read_threads = 2
 
-    # Devices: a mesh with one 'data' axis; the batch is split along it and
-    # parameters are replicated.
+    # Devices (vertjax.sharding): a mesh with one 'data' axis over all
+    # devices of all processes; the batch is split along it.
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # devices on the data axis; -1 = all
-    config.mesh.distributed = False  # call jax.distributed.initialize() first (multi-host)
+    config.mesh.data = -1  # devices on the data axis; -1 = all (required when multi-process)
+    # Parameters and optimiser state: 'replicated' on every device, or 'fsdp'
+    # (arrays of at least fsdp_min_size elements split over the data axis).
+    config.mesh.param_sharding = "replicated"
+    config.mesh.fsdp_min_size = 2**14
+    # Multi-process runs: call jax.distributed.initialize() first. With no
+    # coordinator_address JAX finds the hosts itself (Cloud TPU, SLURM); else
+    # give 'host:port' of process 0, the process count and this process's id.
+    config.mesh.distributed = False
+    config.mesh.coordinator_address = ""
+    config.mesh.num_processes = 0
+    config.mesh.process_id = -1
     return config

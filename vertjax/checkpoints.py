@@ -121,9 +121,11 @@ class Checkpointer:
                 force=True,
             )
             self._manager.wait_until_finished()
-        except OSError as e:
-            # orbax writes into a temporary folder and renames it when done,
-            # so the checkpoints before this one stay loadable.
+        except (OSError, ValueError) as e:
+            # A full disk shows as OSError from Python writes and as ValueError
+            # from tensorstore's array writes. orbax writes into a temporary
+            # folder and renames it when done, so the earlier checkpoints stay
+            # loadable.
             raise CheckpointError(f"cannot write checkpoint {step} to {self.directory}: {e}") from e
 
     def latest_step(self) -> int | None:
@@ -176,6 +178,8 @@ class Checkpointer:
         """
         target = jax.tree.map(_with_sharding, state)
         self._check_shapes(step, target)
+        if data_iterator is not None:
+            self._check_process_count(step)
         items = {
             "state": ocp.args.StandardRestore(target),
             "meta": ocp.args.JsonRestore(),
@@ -187,7 +191,7 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(
                 f"cannot restore checkpoint {step} of {self.directory} into this model "
-                f"(a different model or config?): {e}"
+                f"(damaged, or from a different model or config?): {e}"
             ) from e
         return restored["state"], restored["meta"]
 
@@ -197,10 +201,21 @@ class Checkpointer:
         Checked from the checkpoint's metadata, before any array is read.
         """
         path = os.path.join(self.directory, str(step), "state")
-        saved_tree = ocp.StandardCheckpointer().metadata(path).item_metadata
+        try:
+            saved_tree = ocp.StandardCheckpointer().metadata(path).item_metadata
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(
+                f"checkpoint {step} of {self.directory} is damaged or incomplete: "
+                f"cannot read its state ({e})"
+            ) from e
         saved = {
             _name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(saved_tree)
         }
+        if not saved:
+            raise ValueError(
+                f"checkpoint {step} of {self.directory} is damaged or incomplete: its state "
+                "holds no arrays"
+            )
         wanted = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
         # Parameters first: their names say most about which model differs.
         for name in sorted(set(saved) | set(wanted), key=lambda n: (not n.startswith("params"), n)):
@@ -211,11 +226,41 @@ class Checkpointer:
                     f"{wanted.get(name, 'absent')} in the model"
                 )
 
-    def restore_config(self, step: int) -> dict[str, Any]:
-        """The config saved with checkpoint `step`, as a plain dict."""
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+    def _check_process_count(self, step: int) -> None:
+        """ValueError unless checkpoint `step` holds this process's data position.
+
+        grain saves one position per process ('process_<i>-of-<n>.json'); a
+        run with another number of processes cannot continue those streams.
+        """
+        data_dir = os.path.join(self.directory, str(step), "data")
+        if not os.path.isdir(data_dir):
+            return
+        written = [n for n in os.listdir(data_dir) if n.startswith("process_")]
+        if not written or f"process_{jax.process_index()}-of-{jax.process_count()}.json" in written:
+            return
+        counts = sorted({n.rsplit("-of-", 1)[-1].removesuffix(".json") for n in written})
+        raise ValueError(
+            f"checkpoint {step} of {self.directory} was written by {' or '.join(counts)} "
+            f"process(es) and this run has {jax.process_count()}: each process's data position "
+            f"({data_dir}) cannot be carried over; resume with {counts[0]} process(es) or use a "
+            "new workdir (the parameters still restore anywhere for evaluation and prediction)"
         )
+
+    def restore_config(self, step: int) -> dict[str, Any]:
+        """The config saved with checkpoint `step`, as a plain dict.
+
+        Raises:
+          ValueError: the checkpoint has no readable config item.
+        """
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+            )
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(
+                f"checkpoint {step} of {self.directory} has no saved config (damaged, or "
+                f"not written by vertjax): {e}"
+            ) from e
         return restored["config"]
 
     def close(self) -> None:

@@ -118,6 +118,7 @@ def _missing_dirs(builder, data_dir: str) -> list[str]:
         os.fspath(builder.data_path.parent),  # .../spine_radiographs/<config>
         os.path.join(data_dir, DATASET),
         os.path.join(data_dir, "downloads"),
+        data_dir,  # when this build made it, nothing else is in it
     ]
     return [path for path in candidates if not os.path.exists(path)]
 

@@ -162,6 +162,14 @@ def window(values: np.ndarray) -> np.ndarray:
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
+def _window_finite(path: str, values: np.ndarray) -> np.ndarray:
+    """`window`, refusing NaN or infinite values: their percentiles are NaN, and
+    the window would silently turn the whole image flat."""
+    if not np.isfinite(values).all():
+        raise ImageError(path, "image holds non-finite values (NaN or infinity)")
+    return window(values)
+
+
 def _check_size(path: str, shape: tuple[int, ...]) -> None:
     if len(shape) != 2:
         raise ImageError(path, f"expected a 2-D image, got shape {tuple(shape)}")
@@ -215,7 +223,7 @@ def _read_raster(path: str) -> np.ndarray:
             return (rgb @ _LUMA) / 255.0
         if mode.startswith("I") or mode == "F":
             # 16-bit and 32-bit greyscale (I;16, I;16B, I, F): window it.
-            return window(np.asarray(im).astype(np.float32))
+            return _window_finite(path, np.asarray(im).astype(np.float32))
     raise ImageError(path, f"unsupported image mode {mode!r}")
 
 
@@ -262,7 +270,7 @@ def _read_dicom(path: str) -> tuple[np.ndarray, float | None]:
         raise ImageError(path, f"unsupported DICOM pixel array of shape {raw.shape}")
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    pixels = window(values * slope + intercept)
+    pixels = _window_finite(path, values * slope + intercept)
     if photometric == "MONOCHROME1":
         # MONOCHROME1 shows low values white; the model sees bone as bright.
         pixels = 1.0 - pixels

@@ -13,13 +13,14 @@ Config fields are overridden on the command line, e.g.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vertjax import checkpoints, data, run_log, train
+from vertjax import checkpoints, data, run_log, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration file.", lock_config=True
@@ -31,13 +32,34 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a s
 flags.mark_flags_as_required(["config"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with one line instead of a traceback for an override
+    of a config field that does not exist (config_flags raises KeyError or
+    AttributeError there, which absl does not catch)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        detail = e
+        while isinstance(detail, BaseException) and detail.args:
+            detail = detail.args[0]
+        name, _, hint = str(detail).partition("\n")
+        field = name.strip("'\"")
+        flag = next(
+            (a for a in argv[1:] if a.startswith("--config.") and f".{field}" in a.split("=")[0]),
+            "--config",
+        )
+        sys.exit(
+            f"FATAL Flags parsing error: flag {flag}: the config has no field {field!r}. {hint}"
+        )
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     run_log.quiet_libraries()
     config = _CONFIG.value
-    if config.mesh.distributed:
-        jax.distributed.initialize()
+    # Before anything else touches JAX: a multi-host run joins its processes.
+    sharding.initialize_distributed(config.mesh)
     workdir = _WORKDIR.value or os.path.join("runs", config.name)
     logging.info("workdir %s, %d device(s): %s", workdir, jax.device_count(), jax.devices())
     try:
@@ -58,4 +80,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -362,6 +362,22 @@ def csv_rows(record: dict[str, Any], *, path: str, output: str) -> list[dict[str
     return rows
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def output_problem(out: str | os.PathLike) -> str | None:
+    """Why `out` cannot be the output folder (a file on its path), or None."""
+    out = Path(out)
+    for path in (out, *out.parents):
+        if path.exists():
+            return None if path.is_dir() else f"{path} is a file, not a folder"
+    return None
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Writes `data` to a temporary file beside `path`, then renames it into place.
 
@@ -371,6 +387,8 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); give it the mode any new file gets.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -456,6 +474,9 @@ def predict_files(
 
     Returns:
       An Outcome listing the written JSON files and the failures.
+
+    Raises:
+      ValueError: `out_dir` cannot be a folder (a file lies on its path).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -463,6 +484,9 @@ def predict_files(
     # radiograph runs at batch 1), still one compilation for the run.
     batch_size = max(1, min(batch_size, len(files)))
     out = Path(out_dir)
+    problem = output_problem(out)
+    if problem:
+        raise ValueError(f"output folder {out}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     names = output_names(files)
     infer = make_infer(model)
@@ -562,6 +586,10 @@ def main(argv: Sequence[str]) -> int:
         # orbax and JAX log at INFO on every restore; a user of predict wants
         # the per-file errors and the summary, not that. -v 0 brings it back.
         logging.set_verbosity(logging.WARNING)
+    problem = output_problem(FLAGS.out)
+    if problem:
+        print(f"vertjax.predict: --out={FLAGS.out}: {problem}", file=sys.stderr)
+        return 1
     files = find_inputs(argv[1:])
     if not files:
         print(f"vertjax.predict: no radiographs found in {' '.join(argv[1:])}", file=sys.stderr)

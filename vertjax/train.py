@@ -29,10 +29,21 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from vertjax import checkpoints, data, evaluate, heatmaps, input_pipeline, losses, models, run_log
+from vertjax import (
+    checkpoints,
+    config_checks,
+    data,
+    evaluate,
+    heatmaps,
+    input_pipeline,
+    losses,
+    models,
+    run_log,
+    sharding,
+)
 
 TrainState = train_state.TrainState
-DATA_AXIS = "data"
+DATA_AXIS = sharding.DATA_AXIS
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -40,35 +51,26 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-def make_mesh(num_data: int = -1) -> jax.sharding.Mesh:
-    """A 1-D mesh over `num_data` devices (-1 = all) with axis 'data'."""
-    devices = jax.devices()
-    n = len(devices) if num_data in (-1, 0) else num_data
-    if not 0 < n <= len(devices):
-        raise ValueError(f"config.mesh.data={num_data} but {len(devices)} device(s) are available")
-    # jax 0.10 makes explicit axes the default; Auto keeps jit's sharding
-    # propagation for the convolutions.
-    return jax.make_mesh(
-        (n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n]
+# The mesh and its shardings live in vertjax.sharding; these names stay here
+# for the callers that reach them through the trainer.
+make_mesh = sharding.make_mesh
+check_batch_size = sharding.check_batch_size
+replicated = sharding.replicated
+data_sharded = sharding.data_sharded
+
+
+def state_sharding(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, state: Any) -> Any:
+    """A NamedSharding per array of `state` (or its shapes) under config.mesh.param_sharding.
+
+    Configs saved before that field existed mean 'replicated'.
+    """
+    m = config.mesh
+    return sharding.state_shardings(
+        state,
+        mesh,
+        rule=m.get("param_sharding", "replicated"),
+        min_size=int(m.get("fsdp_min_size", 2**14)),
     )
-
-
-def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, what: str = "batch_size") -> None:
-    """ValueError unless the global batch splits evenly over the data axis."""
-    n = mesh.shape[DATA_AXIS]
-    if batch_size <= 0 or batch_size % n:
-        raise ValueError(
-            f"config.{what}={batch_size} must be a positive multiple of the {n} device(s) "
-            "on the mesh's data axis"
-        )
-
-
-def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def data_sharded(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
 
 
 def make_model(config: ml_collections.ConfigDict) -> models.UNet:
@@ -134,13 +136,17 @@ def init_key(seed: int) -> jax.Array:
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
-    """The TrainState's structure as replicated ShapeDtypeStructs, to restore into.
+    """The TrainState's structure as ShapeDtypeStructs on `mesh`, to restore into.
 
-    Costs no initialisation: shapes come from `jax.eval_shape`.
+    Shardings follow `state_sharding`. Costs no initialisation: shapes come
+    from `jax.eval_shape`.
     """
     shapes = jax.eval_shape(functools.partial(create_train_state, config), init_key(0))
-    sharding = replicated(mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        shapes,
+        state_sharding(config, mesh, shapes),
+    )
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
@@ -317,11 +323,17 @@ def train_step(
 
 
 def make_train_step(
-    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, state_shardings: Any = None
 ) -> Callable[
     [TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]
 ]:
-    """The jitted train step for `config` on `mesh` (state donated)."""
+    """The jitted train step for `config` on `mesh` (state donated).
+
+    The batch is split over the data axis; the state keeps `state_shardings`
+    (a NamedSharding per array, the tree of the state that will be passed:
+    `jax.tree.map(lambda x: x.sharding, state)`), default replicated. Metrics
+    come back replicated: the loss is the mean over the global batch.
+    """
     step = functools.partial(
         train_step,
         loss_fn=losses.get(config.loss),
@@ -333,7 +345,10 @@ def make_train_step(
         aug=Augment.from_config(config),
     )
     rep, shard = replicated(mesh), data_sharded(mesh)
-    return jax.jit(step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep), donate_argnums=0)
+    kept = rep if state_shardings is None else state_shardings
+    return jax.jit(
+        step, in_shardings=(kept, shard, rep), out_shardings=(kept, rep), donate_argnums=0
+    )
 
 
 @dataclasses.dataclass
@@ -349,14 +364,19 @@ class TrainResult:
 def _check_finite(
     pending: list[tuple[int, dict[str, jax.Array]]],
 ) -> list[tuple[int, dict[str, float]]]:
-    """Fetches the pending step metrics; NonFiniteLossError names the first bad step."""
+    """Fetches the pending step metrics; NonFiniteLossError names the first bad step.
+
+    The gradient norm counts too: a finite loss with non-finite gradients
+    leaves NaN parameters after the update, which must not be saved either.
+    """
     fetched = [(step, jax.device_get(m)) for step, m in pending]
     for step, m in fetched:
-        if not np.isfinite(m["loss"]):
-            raise NonFiniteLossError(
-                f"non-finite training loss {float(m['loss'])} at step {step}; the last "
-                "checkpoint before it is kept and this state is not saved"
-            )
+        for key, what in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+            if key in m and not np.isfinite(m[key]):
+                raise NonFiniteLossError(
+                    f"non-finite {what} {float(m[key])} at step {step}; the last "
+                    "checkpoint before it is kept and this state is not saved"
+                )
     return [(step, {k: float(v) for k, v in m.items()}) for step, m in fetched]
 
 
@@ -379,24 +399,32 @@ def _config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict
 def open_dataset(config: ml_collections.ConfigDict) -> Any:
     """The configured TFDS builder, built on first use."""
     d = config.dataset
+    # Several processes never build: they would all write the same files.
     return data.get_builder(
-        d.name, data_dir=d.data_dir or None, manual_dir=d.manual_dir or None, build=True
+        d.name,
+        data_dir=d.data_dir or None,
+        manual_dir=d.manual_dir or None,
+        build=jax.process_count() == 1,
     )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains `config` in `workdir`, then evaluates its best checkpoint.
+    """Trains `config` in `workdir`, then evaluates one of its checkpoints.
 
-    Returns the `results.json` record of the best checkpoint (by validation
-    ID accuracy) on `config.eval_split`; see `train` and `evaluate_checkpoint`.
+    Returns the `results.json` record of `config.eval_checkpoint` ('best' by
+    validation ID accuracy, or 'latest') on `config.eval_split`; see `train`
+    and `evaluate_checkpoint`.
     """
     train(config, workdir)
-    return evaluate_checkpoint(config, workdir, split=config.eval_split, checkpoint="best")
+    return evaluate_checkpoint(
+        config, workdir, split=config.eval_split, checkpoint=config.eval_checkpoint
+    )
 
 
 def _check_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     """Fails fast on config faults; returns the device mesh."""
-    losses.get(config.loss)
+    config_checks.check(config)
+    sharding.check_param_rule(config.mesh.param_sharding)
     for name in ("train_steps", "log_every", "eval_every", "checkpoint_every", "image_size"):
         if int(config[name]) <= 0:
             raise ValueError(f"config.{name} must be positive, got {config[name]}")
@@ -439,7 +467,13 @@ def evaluate_checkpoint(
         ckpt.close()
     train_source = builder.as_data_source("train") if config.postprocess.enabled else None
     evaluator = evaluate.Evaluator(
-        config, mesh, apply_fn=state.apply_fn, mean=mean, std=std, train_source=train_source
+        config,
+        mesh,
+        apply_fn=state.apply_fn,
+        mean=mean,
+        std=std,
+        train_source=train_source,
+        param_sharding=jax.tree.map(lambda x: x.sharding, state.params),
     )
     summary = evaluator.run(state.params, builder.as_data_source(split))
     record = evaluate.results_record(
@@ -473,7 +507,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       ValueError: a config that cannot work (batch size vs devices, names).
     """
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     mesh = _check_config(config)
 
     builder = open_dataset(config)
@@ -503,15 +536,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     train_iter = iter(train_data)
     # Augmentation keys: threefry, which gives the same numbers however the
     # batch is partitioned; folded with the step inside the train step.
-    step_rng = jax.device_put(jax.random.key(config.seed + 1), replicated(mesh))
+    step_rng = sharding.replicated_key(config.seed + 1, mesh)
 
+    # Made only now: a config or dataset fault leaves no workdir behind.
+    os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoints.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
     )
     meta: dict[str, Any] = {"train_seconds": 0.0, "validation": None}
     start = ckpt.latest_step()
     if start is None:
-        state = jax.device_put(create_train_state(config, init_key(config.seed)), replicated(mesh))
+        state = create_train_state(config, init_key(config.seed))
+        state = jax.device_put(state, state_sharding(config, mesh, state))
     else:
         for line in _config_differences(ckpt.restore_config(start), config):
             logging.warning("config differs from the checkpoint: %s", line)
@@ -523,13 +559,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     logging.info("model: %d parameters", n_params)
     start = int(jax.device_get(state.step))
 
+    shardings = jax.tree.map(lambda x: x.sharding, state)
     evaluator = evaluate.Evaluator(
-        config, mesh, apply_fn=state.apply_fn, mean=mean, std=std, train_source=train_source
+        config,
+        mesh,
+        apply_fn=state.apply_fn,
+        mean=mean,
+        std=std,
+        train_source=train_source,
+        param_sharding=shardings.params,
     )
     writer = run_log.MetricWriter(workdir)
     writer.drop_after(start)
     progress = run_log.Progress(config.train_steps)
-    step_fn = make_train_step(config, mesh)
+    step_fn = make_train_step(config, mesh, shardings)
     train_seconds = float(meta.get("train_seconds", 0.0))
     validation = meta.get("validation")
     pending: list[tuple[int, dict[str, jax.Array]]] = []

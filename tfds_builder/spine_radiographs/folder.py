@@ -97,6 +97,53 @@ def _number(value: str, column: str, where: str) -> float:
     return number
 
 
+def _first_undecodable(csv_path: str) -> tuple[int, int]:
+    """(line number, byte) of the first byte that is not UTF-8; the decoder's own
+    offset counts from the start of its read buffer, not of the file."""
+    with open(csv_path, "rb") as f:
+        for line_number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return line_number, line[e.start]
+    return 0, 0
+
+
+def _read_rows(csv_path: str) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {column: stripped value}) of every row below the header."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        if not header:
+            raise FolderError(f"{csv_path}: empty file, expected a header row")
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise FolderError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+        reader.fieldnames = header
+        rows = []
+        try:
+            for row in reader:
+                rows.append((reader.line_num, _row_values(row, header, csv_path, reader.line_num)))
+        except csv.Error as e:
+            raise FolderError(
+                f"{csv_path} row {reader.line_num + 1}: not valid CSV ({e})"
+            ) from None
+    return rows
+
+
+def _row_values(row: dict, header: list[str], csv_path: str, line: int) -> dict[str, str]:
+    """{column: stripped value} of one csv row; FolderError for surplus fields."""
+    extra = row.pop(None, None)
+    if extra is not None:
+        # Most often a decimal comma ("12,5") splitting a number in two:
+        # reading on would shift every later column.
+        raise FolderError(
+            f"{csv_path} row {line}: {len(header) + len(extra)} fields but the header has "
+            f"{len(header)} (an unquoted comma?)"
+        )
+    return {k: (v or "").strip() for k, v in row.items()}
+
+
 def read_folder(root: str) -> list[FolderImage]:
     """Reads and validates a user's folder.
 
@@ -115,18 +162,13 @@ def read_folder(root: str) -> list[FolderImage]:
     csv_path = os.path.join(root, ANNOTATIONS)
     if not os.path.isfile(csv_path):
         raise FolderError(f"{csv_path}: annotations file not found")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        if not header:
-            raise FolderError(f"{csv_path}: empty file, expected a header row")
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise FolderError(f"{csv_path}: missing column(s) {', '.join(missing)}")
-        reader.fieldnames = header
-        rows = []
-        for row in reader:
-            rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items() if k}))
+    try:
+        rows = _read_rows(csv_path)
+    except UnicodeDecodeError:
+        line, byte = _first_undecodable(csv_path)
+        raise FolderError(
+            f"{csv_path} row {line}: not UTF-8 text (byte {byte:#04x}); save the file as UTF-8"
+        ) from None
     if not rows:
         raise FolderError(f"{csv_path}: no annotation rows below the header")
 
@@ -183,10 +225,16 @@ def read_folder(root: str) -> list[FolderImage]:
         entry["points"][k] = (x, y, line)
 
     images = []
-    unlabelled = [i for i in list_images(root) if i not in labels]
+    unlabelled = {}
+    for rel in list_images(root):
+        if rel not in labels:
+            # The rule of the csv paths holds for found files too: a link that
+            # leads out of the folder is refused, not followed.
+            path, image_id = _resolve(root, rel, os.path.join(root, rel))
+            unlabelled.setdefault(image_id, path)
     for image_id in sorted(set(labels) | set(unlabelled)):
         entry = labels.get(image_id)
-        path = entry["path"] if entry else os.path.join(os.path.realpath(root), image_id)
+        path = entry["path"] if entry else unlabelled[image_id]
         try:
             height, width = imaging.image_size(path)
         except imaging.ImageError as e:

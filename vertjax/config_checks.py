@@ -1,0 +1,127 @@
+"""Checks of a training config before any work: field types, names and ranges.
+
+`check(config)` raises ValueError naming the field (`config.model.norm`) and
+the fault, so that a typo in a config file ends with one line at start-up
+rather than a traceback minutes into a run or, worse, a silently wrong run
+(a zero target width trains on empty targets). Types are compared with
+`configs/default.py`, which defines every field: a field it lacks is a typo
+(`config.los = 'l2'` would otherwise train with the default loss).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+import ml_collections
+
+from configs import default
+from vertjax import losses, models
+
+DECAYS: tuple[str, ...] = ("cosine", "linear", "constant")
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the first field of `config` with a wrong type or value."""
+    check_types(config, default.get_config())
+    check_values(config)
+
+
+def _kind(reference: Any) -> str:
+    if isinstance(reference, bool):
+        return "bool"
+    if isinstance(reference, int):
+        return "int"
+    if isinstance(reference, float):
+        return "a number"
+    if isinstance(reference, (tuple, list)):
+        return "a tuple"
+    return type(reference).__name__
+
+
+def _fits(value: Any, reference: Any) -> bool:
+    """Whether `value` may stand where the default holds `reference`."""
+    if reference is None:
+        return True
+    if isinstance(reference, bool):
+        return isinstance(value, bool)
+    if isinstance(reference, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(reference, float):
+        # An int is a fine float (`learning_rate = 1`); a bool is not.
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(reference, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(reference))
+
+
+def check_types(
+    config: ml_collections.ConfigDict,
+    reference: ml_collections.ConfigDict,
+    prefix: str = "config",
+) -> None:
+    """ValueError for the first field that `reference` lacks or whose type differs.
+
+    Args:
+      config: the config to check.
+      reference: a config of the same fields with values of the right types.
+      prefix: the name of `config` in messages.
+    """
+    for key in config.keys():
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+            hint = f"; did you mean {prefix}.{close[0]}?" if close else ""
+            raise ValueError(f"{prefix}.{key} is not a config field{hint}")
+    for key, expected in reference.items():
+        if key not in config:
+            continue
+        value = config[key]
+        where = f"{prefix}.{key}"
+        if isinstance(expected, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ValueError(
+                    f"{where} is {type(value).__name__} {value!r} but must be a group of fields"
+                )
+            check_types(value, expected, where)
+        elif not _fits(value, expected):
+            raise ValueError(
+                f"{where} is {type(value).__name__} {value!r} but must be {_kind(expected)}"
+            )
+
+
+def _choice(where: str, value: str, valid, kind: str) -> None:
+    if value not in valid:
+        raise ValueError(
+            f"{where}: unknown {kind} {value!r}: expected one of {', '.join(sorted(valid))}"
+        )
+
+
+def _positive(where: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where} must be positive, got {value}")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """ValueError for names that pick nothing and numbers out of their range."""
+    try:
+        losses.get(config.loss)
+    except ValueError as e:
+        raise ValueError(f"config.loss: {e}") from None
+    m = config.model
+    _choice("config.model.norm", m.norm, models.NORMS, "norm")
+    _choice("config.model.upsample", m.upsample, models.UPSAMPLES, "upsample")
+    _choice("config.model.activation", m.activation, models.ACTIVATIONS, "activation")
+    if not 1 <= m.depth <= models.MAX_DEPTH:
+        raise ValueError(
+            f"config.model.depth must be between 1 and {models.MAX_DEPTH}, got {m.depth}"
+        )
+    if m.features < 1:
+        raise ValueError(f"config.model.features must be at least 1, got {m.features}")
+    _choice("config.optimizer.decay", config.optimizer.decay, DECAYS, "decay")
+    _positive("config.optimizer.learning_rate", config.optimizer.learning_rate)
+    # A zero or negative width renders empty (or NaN) targets: training would
+    # run and learn nothing.
+    _positive("config.sigma", config.sigma)
+    if config.sigma_decay_steps > 0:
+        _positive("config.sigma_start", config.sigma_start)
