@@ -120,14 +120,18 @@ def _run(command, env, *, expect=0) -> str:
 
 
 def _saved_steps(workdir: Path) -> list[int]:
-    """Finished checkpoint steps (orbax's own view: no temporary or partial ones)."""
-    if not (workdir / "checkpoints").is_dir():
-        return []
-    ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"), read_only=True)
+    """Finished checkpoint steps of a run that may still be writing or deleting them.
+
+    orbax writes a step into a temporary folder and renames it to the bare step
+    number when complete, so a folder named by digits alone is finished. The
+    listing is read without opening a manager, which would race the trainer's
+    own deletion of old steps.
+    """
     try:
-        return ckpt.all_steps()
-    finally:
-        ckpt.close()
+        names = os.listdir(workdir / "checkpoints")
+    except FileNotFoundError:
+        return []
+    return sorted(int(name) for name in names if name.isdigit())
 
 
 def _run_and_kill(command, env, workdir: Path, *, after: int, rng: random.Random) -> str:

@@ -99,6 +99,8 @@ class Evaluator:
       mean, std: the training split's pixel statistics.
       train_source: records to fit the post-processing prior on (needed only
         when config.postprocess.enabled).
+      param_sharding: the parameters' shardings (a tree like the params, or
+        one sharding for all); default replicated over `mesh`.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class Evaluator:
         mean: float,
         std: float,
         train_source: Sequence[Any] | None = None,
+        param_sharding: Any = None,
     ):
         self.mesh = mesh
         self.batch_size = int(config.eval_batch_size)
@@ -136,7 +139,9 @@ class Evaluator:
         )
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        self._step = jax.jit(step, in_shardings=(rep, data, rep), out_shardings=rep)
+        params = rep if param_sharding is None else param_sharding
+        # Sums and counts come back replicated: XLA adds them across devices.
+        self._step = jax.jit(step, in_shardings=(params, data, rep), out_shardings=rep)
 
     def run(self, params: Any, source: Sequence[Any], *, max_batches: int = 0) -> dict[str, Any]:
         """`metrics.summarize` over `source` (the first `max_batches` batches if > 0)."""
