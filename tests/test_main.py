@@ -50,19 +50,6 @@ app.run(main.main)
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "vertjax_tfds"
-    # Built in a child process: the builder's workers must not fork this
-    # process, where JAX's threads already run. A built dataset is reused.
-    command = [sys.executable, "-m", "vertjax.data", "build", "--config=synthetic_small"]
-    done = subprocess.run(
-        [*command, f"--data_dir={path}"], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return str(path)
-
-
-@pytest.fixture(scope="session")
 def env(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "jax_cache"
     return {

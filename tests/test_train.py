@@ -2,10 +2,7 @@
 
 import functools
 import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -19,7 +16,6 @@ from configs import test as test_config
 from vertjax import checkpoints, data, losses, train
 
 S = 32
-REPO = Path(__file__).resolve().parents[1]
 
 
 class _Tiny(nn.Module):
@@ -206,19 +202,6 @@ def test_batch_size_must_divide_over_the_data_axis():
         train.check_batch_size(12, mesh)
     with pytest.raises(ValueError, match="available"):
         train.make_mesh(jax.device_count() + 1)
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "vertjax_tfds"
-    # Built in a child process: the builder's workers must not fork this
-    # process, where JAX's threads already run. A built dataset is reused.
-    command = [sys.executable, "-m", "vertjax.data", "build", "--config=synthetic_small"]
-    done = subprocess.run(
-        [*command, f"--data_dir={path}"], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return str(path)
 
 
 def test_unknown_loss_is_refused_before_any_work(tmp_path):
