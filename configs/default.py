@@ -9,10 +9,17 @@ Command:
   python -m vertjax.main --config=configs/default.py --workdir=runs/default
 
 Fields are overridden on the command line, e.g. `--config.train_steps=500`
-or `--config.dataset.name=aasce_fov`. The default recipe (model depth and
-normalisation, sigma schedule, learning rate) is the one the training-recipe
-study settles on; the values below are the paper's where it gives them.
-Time and result: see the per-loss files, which carry the measured figures.
+or `--config.dataset.name=aasce_fov`.
+
+The recipe is the one measured to leave the all-zero plateau on this 2-core
+CPU (one-core runs of a few minutes each, loss l2, AASCE crops): sigma 3
+stayed at 1-2 % validation ID accuracy, sigma 8 with a zero-initialised
+output layer reached 13 % by step 100 and 27 % by step 400 (batch 4, 2.8
+images per CPU-second); depth 5 with channels capped at 64 sees the whole
+image at about the cost of depth 4; a learning rate of 3e-3 was worse than
+1e-3. The paper's 264 x 264 input is kept. For a GPU run, raise batch_size
+and train_steps, turn augmentation on, and consider a sigma schedule
+(sigma_start 8 -> sigma 3); those settings are not measured here.
 """
 
 import ml_collections
@@ -33,29 +40,29 @@ def get_config() -> ml_collections.ConfigDict:
     # Model: vertjax.models.UNet.
     config.model = ml_collections.ConfigDict()
     config.model.features = 16
-    config.model.depth = 4  # number of poolings
+    config.model.depth = 5  # poolings: 5 lets the centre see the whole 264 image
     config.model.norm = "group"  # group, layer or none
-    config.model.upsample = "resize"  # resize or transpose
+    config.model.upsample = "transpose"  # transpose or resize
     config.model.output_bias_init = 0.0
-    config.model.zero_init_output = False
+    config.model.zero_init_output = True  # start from silent heatmaps (escapes the all-zero plateau)
     config.model.dtype = "float32"  # float32 or bfloat16 (activations)
-    config.model.max_features = 0  # cap on any level's channels; 0 = no cap
+    config.model.max_features = 64  # cap on any level's channels (0 = no cap); halves depth 5's cost
     config.model.activation = "relu"
     config.model.bottleneck_dilations = ()  # e.g. (2, 4, 8): dilated blocks widen the view
     config.model.global_context = False  # add a pooled context vector at the bottleneck
 
     # Targets and loss.
     config.loss = "l3"  # mse, l1, l2 or l3 (paper, Appendix B)
-    config.sigma = 3.0  # Gaussian target width in model pixels (final value)
+    config.sigma = 8.0  # Gaussian target width in model pixels (final value); 3 stays on the plateau
     # Optional sigma schedule: wide targets early, narrowing linearly from
     # sigma_start to `sigma` over sigma_decay_steps. sigma_decay_steps = 0 is off.
-    config.sigma_start = 3.0
+    config.sigma_start = 8.0
     config.sigma_decay_steps = 0
 
     # Optimiser: Adam with linear warm-up then decay.
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 1e-3
-    config.optimizer.warmup_steps = 100
+    config.optimizer.warmup_steps = 20
     config.optimizer.decay = "cosine"  # cosine, linear or constant
     config.optimizer.end_learning_rate_factor = 0.01  # final lr = factor x peak lr
     config.optimizer.b1 = 0.9
@@ -64,20 +71,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
 
     # Training loop.
-    config.batch_size = 8  # global batch, split over the mesh's data axis
+    config.batch_size = 4  # global batch, split over the mesh's data axis
     config.eval_batch_size = 16
-    config.train_steps = 3000
+    config.train_steps = 1500
     config.log_every = 50
-    config.eval_every = 500  # validation on config.val_split
+    config.eval_every = 250  # validation on config.val_split
     config.val_split = "validation"
     config.val_max_batches = 0  # 0 = whole split
-    config.checkpoint_every = 500
+    config.checkpoint_every = 250
     config.keep_checkpoints = 2  # the latest N, plus the best by validation ID accuracy
     config.seed = 0
 
     # On-device augmentation: image and centroids move together.
     config.augment = ml_collections.ConfigDict()
-    config.augment.enabled = True
+    config.augment.enabled = False  # off in the measured CPU recipe; on for long runs
     config.augment.rotate_degrees = 5.0  # uniform in [-r, r]
     config.augment.scale = 0.1  # zoom factor uniform in [1 - s, 1 + s]
     config.augment.shift = 0.05  # translation, fraction of S, uniform in [-t, t]

@@ -15,10 +15,25 @@ unlabelled; zero-weight pixels still count in the denominator.
 
 The weight of one layer depends only on that layer's targets, a per-layer
 class from the `labeled` flags and (l3) the all-layer maximum, so it is
-written for one layer and lifted with `jax.vmap`. The weight is a lazy
-elementwise expression of (y >= 0.5, the layer class, the l3 maximum), so
-XLA is free to fuse it with the squared error and the sum; no weight array
-is built in Python.
+written for one layer and lifted with `jax.vmap`. The per-layer class is
+derived from `labeled` once, as a [B, K] base weight, and broadcast.
+
+Speed: the loss and its gradient are a `jax.custom_vjp` that XLA:CPU
+compiles to two passes over the [B, H, W, K] arrays and no intermediate
+array of that size; plain autodiff of the same expression stores the
+difference, the weights and the weighted difference (10 passes for l2,
+benchmarks/RESULTS.md). The function and its gradient are unchanged;
+being a custom_vjp, it supports reverse-mode differentiation only.
+- Value: one loop reads targets and predictions and reduces each pixel's K
+  layers to a few per-pixel sums ([B, H, W]; for l3 also the all-layer
+  maximum, which the weight needs); a vectorised reduction then sums those
+  per example. A reduction over all of (H, W, K) in one go would either be
+  one long float32 add chain (slow and less accurate) or, as a plain sum,
+  go to XLA:CPU's YNNPACK path, which cannot fuse the weight selection and
+  makes XLA store the weights first.
+- Gradient: one elementwise loop reads targets and predictions (and l3's
+  [B, H, W] maximum from the value pass) and writes 2 w (p - y) / (H W K)
+  times the incoming cotangent, recomputing the weights on the fly.
 """
 
 import functools
@@ -26,6 +41,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NAMES: tuple[str, ...] = ("mse", "l1", "l2", "l3")
 
@@ -100,11 +116,80 @@ def _loss(
         )
     if labeled.shape != targets.shape[:1] + targets.shape[3:]:
         raise ValueError(f"labeled {labeled.shape} must be [B, K] for targets {targets.shape}")
-    targets = targets.astype(jnp.float32)
-    error = targets - predictions.astype(jnp.float32)
-    weighted = _weights(targets, labeled, name=name) * jnp.square(error)
-    # sum(w * se) / (H * W * K): zero-weight pixels stay in the denominator.
-    return jnp.mean(weighted, axis=(1, 2, 3))
+    base = _base_weight(jnp.asarray(labeled).astype(bool), name=name)
+    return _weighted_mse(
+        jnp.asarray(predictions).astype(jnp.float32),
+        jnp.asarray(targets).astype(jnp.float32),
+        base,
+        name,
+    )
+
+
+def _sum_pair(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _max_sum_sum(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    return jnp.maximum(a[0], b[0]), a[1] + b[1], a[2] + b[2]
+
+
+def _value_and_peak(
+    predictions: jax.Array, targets: jax.Array, base: jax.Array, name: str
+) -> tuple[jax.Array, jax.Array | None]:
+    """Per-example loss [B] and, for l3, the all-layer maximum [B, H, W] of the targets."""
+    count = np.prod(targets.shape[1:])
+    error = targets - predictions
+    squares = error * error
+    if name == "mse":
+        return jnp.sum(squares, axis=(1, 2, 3)) / count, None
+    zero = np.float32(0.0)
+    based = base[:, None, None, :] * squares
+    if name == "l3":
+        # Per pixel: the all-layer maximum, sum_k se and sum_k base_k * se;
+        # rule 1 then picks 10 * sum_k se for the whole pixel.
+        peak, plain, weighted = jax.lax.reduce(
+            (targets, squares, based), (np.float32(-np.inf), zero, zero), _max_sum_sum, (3,)
+        )
+        per_pixel = jnp.where(peak >= HOT_THRESHOLD, HOT_WEIGHT * plain, weighted)
+        return jnp.sum(per_pixel, axis=(1, 2)) / count, peak
+    hot = targets >= HOT_THRESHOLD
+    cold_sum, hot_sum = jax.lax.reduce(
+        (jnp.where(hot, zero, based), jnp.where(hot, squares, zero)), (zero, zero), _sum_pair, (3,)
+    )
+    return jnp.sum(cold_sum + HOT_WEIGHT * hot_sum, axis=(1, 2)) / count, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _weighted_mse(
+    predictions: jax.Array, targets: jax.Array, base: jax.Array, name: str
+) -> jax.Array:
+    """sum(w * (y - p)^2) / (H * W * K): [B, H, W, K] x2, base [B, K] -> [B]."""
+    return _value_and_peak(predictions, targets, base, name)[0]
+
+
+def _weighted_mse_fwd(predictions, targets, base, name):
+    value, peak = _value_and_peak(predictions, targets, base, name)
+    return value, (predictions, targets, base, peak)
+
+
+def _weighted_mse_bwd(name, residuals, cotangent):
+    predictions, targets, base, peak = residuals
+    # The barrier keeps XLA from sharing y - p with the value pass, which
+    # would make it store the difference as a full array.
+    predictions, targets = jax.lax.optimization_barrier((predictions, targets))
+    if name == "mse":
+        weight = jnp.float32(1.0)
+    elif name == "l3":
+        weight = _lifted_weight(peak >= HOT_THRESHOLD, base, shared=True)
+    else:
+        weight = _lifted_weight(targets >= HOT_THRESHOLD, base, shared=False)
+    scale = (2.0 / np.prod(targets.shape[1:])) * cotangent[:, None, None, None]
+    grad = scale * weight * (predictions - targets)
+    # The weights are piecewise constant in y, so d/dy = -d/dp.
+    return grad, -grad, None
+
+
+_weighted_mse.defvjp(_weighted_mse_fwd, _weighted_mse_bwd)
 
 
 def get(name: str) -> LossFn:

@@ -1,0 +1,273 @@
+"""Loss-step benchmark: value and gradient of each loss against the memory floor.
+
+    python -m benchmarks.loss_step [--batch 8 32] [--json FILE] [--baseline PATH]
+
+For each loss (mse, l1, l2, l3) and batch size B, the time of the batch-mean
+loss and its gradient with respect to the predictions [B, 264, 264, 13]:
+
+- vertjax: `jax.jit(jax.value_and_grad(...))` of `vertjax.losses.get(name)`;
+- numpy: a plain NumPy forward pass and its analytic gradient;
+- torch: PyTorch eager with autograd (skipped, with a note, without torch);
+- baseline (with --baseline PATH): another `losses.py`, e.g. an earlier
+  version, loaded from PATH and timed in the same run.
+
+The memory floor is the traffic the step cannot avoid (read targets and
+predictions, write the gradient: 3 x B x 264 x 264 x 13 x 4 bytes) at the
+bandwidth of a jit elementwise pass `a * 2 + b` over two such arrays into a
+third, which moves exactly those bytes; it is measured in the same run.
+All contenders run in alternation after a warm-up; the table gives medians
+in ms and the ratios to the floor, to torch and to numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common
+
+LOSSES = ("mse", "l1", "l2", "l3")
+SIZE = 264
+K = 13
+HOT_THRESHOLD, HOT_WEIGHT, EMPTY_WEIGHT, BESIDE_WEIGHT = 0.5, 10.0, 5.0, 0.0
+
+
+def make_inputs(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predictions and Gaussian targets [B, S, S, K] float32, labeled [B, K] bool.
+
+    Each example has a labelled run of layers with one Gaussian (sigma 3 px)
+    each; predictions are the targets plus noise.
+    """
+    rng = np.random.default_rng(seed)
+    labeled = np.zeros((batch, K), bool)
+    for b in range(batch):
+        first = rng.integers(0, K - 4)
+        labeled[b, first : first + rng.integers(4, K - first + 1)] = True
+    centre = np.arange(SIZE, dtype=np.float32) + 0.5
+    ys = np.sort(rng.uniform(0.1, 0.9, (batch, K)), axis=1).astype(np.float32) * SIZE
+    xs = rng.uniform(0.4, 0.6, (batch, K)).astype(np.float32) * SIZE
+    gx = np.exp(-((centre[None, :, None] - xs[:, None, :]) ** 2) / 18.0)  # [B, W, K]
+    gy = np.exp(-((centre[None, :, None] - ys[:, None, :]) ** 2) / 18.0)  # [B, H, K]
+    targets = (gy[:, :, None, :] * gx[:, None, :, :] * labeled[:, None, None, :]).astype(np.float32)
+    predictions = targets + rng.normal(0.0, 0.1, targets.shape).astype(np.float32)
+    return predictions, targets, labeled
+
+
+def numpy_base_weight(labeled: np.ndarray, name: str) -> np.ndarray:
+    """[B, K] weight of the non-hot pixels of each layer."""
+    if name in ("mse", "l1"):
+        return np.ones(labeled.shape, np.float32)
+    padded = np.pad(labeled, ((0, 0), (1, 1)))
+    beside = padded[:, :-2] | padded[:, 2:]
+    return np.where(labeled, 1.0, np.where(beside, BESIDE_WEIGHT, EMPTY_WEIGHT)).astype(np.float32)
+
+
+def numpy_value_and_grad(
+    name: str, predictions: np.ndarray, targets: np.ndarray, labeled: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """Batch-mean loss and its gradient w.r.t. predictions, in plain NumPy."""
+    error = targets - predictions
+    if name == "mse":
+        weight = np.float32(1.0)
+    else:
+        if name == "l3":
+            hot = targets.max(axis=-1, keepdims=True) >= HOT_THRESHOLD
+        else:
+            hot = targets >= HOT_THRESHOLD
+        base = numpy_base_weight(labeled, name)[:, None, None, :]
+        weight = np.where(hot, np.float32(HOT_WEIGHT), base)
+    weighted = weight * error
+    scale = np.float32(1.0 / error.size)
+    value = float(np.sum(weighted * error, dtype=np.float32) * scale)
+    return value, weighted * (-2.0 * scale)
+
+
+def load_losses(path: str | None):
+    """vertjax.losses, or the losses module at `path`."""
+    if path is None:
+        from vertjax import losses
+
+        return losses
+    spec = importlib.util.spec_from_file_location("baseline_losses", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"--baseline {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def jax_contender(module, name: str, predictions, targets, labeled) -> Callable[[], Any]:
+    import jax
+    import jax.numpy as jnp
+
+    loss_fn = module.get(name)
+    step = jax.jit(
+        jax.value_and_grad(
+            lambda p, y, lab: jnp.mean(loss_fn(predictions=p, targets=y, labeled=lab))
+        )
+    )
+    return lambda: jax.block_until_ready(step(predictions, targets, labeled))
+
+
+def torch_contender(
+    name: str, predictions, targets, labeled, device: str = "cpu"
+) -> Callable[[], Any]:
+    import torch
+
+    from benchmarks import torch_reference
+
+    p = torch.from_numpy(predictions).to(device).requires_grad_(True)
+    y = torch.from_numpy(targets).to(device)
+    lab = torch.from_numpy(labeled).to(device)
+
+    def run():
+        p.grad = None
+        torch_reference.loss(name, p, y, lab).mean().backward()
+        common.torch_sync(device)
+
+    return run
+
+
+def check_agreement(module, predictions, targets, labeled) -> dict[str, float]:
+    """Max relative difference of vertjax's value and gradient from NumPy's, per loss."""
+    import jax
+    import jax.numpy as jnp
+
+    out = {}
+    for name in LOSSES:
+        fn = module.get(name)
+        value, grad = jax.jit(
+            jax.value_and_grad(
+                lambda p, y, lab, fn=fn: jnp.mean(fn(predictions=p, targets=y, labeled=lab))
+            )
+        )(predictions, targets, labeled)
+        ref_value, ref_grad = numpy_value_and_grad(name, predictions, targets, labeled)
+        scale = np.max(np.abs(ref_grad))
+        out[name] = max(
+            abs(float(value) - ref_value) / abs(ref_value),
+            float(np.max(np.abs(np.asarray(grad) - ref_grad)) / scale),
+        )
+    return out
+
+
+def run_batch(batch: int, args, have_torch: bool, baseline) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from vertjax import losses
+
+    np_inputs = make_inputs(batch)
+    predictions, targets, labeled = (jnp.asarray(a) for a in np_inputs)
+    floor_fn = jax.jit(lambda a, b: a * 2.0 + b)
+    contenders: dict[str, Callable[[], Any]] = {
+        "floor": lambda: floor_fn(predictions, targets).block_until_ready()
+    }
+    for name in LOSSES:
+        contenders[f"{name}/vertjax"] = jax_contender(losses, name, predictions, targets, labeled)
+        if baseline is not None:
+            contenders[f"{name}/baseline"] = jax_contender(
+                baseline, name, predictions, targets, labeled
+            )
+        if not args.no_numpy:
+            contenders[f"{name}/numpy"] = lambda name=name: numpy_value_and_grad(name, *np_inputs)
+        if have_torch:
+            contenders[f"{name}/torch"] = torch_contender(name, *np_inputs, args.torch_device)
+    samples = common.time_interleaved(contenders, repeats=args.repeats, warmup=2)
+    floor = common.stats(samples.pop("floor"))
+    bytes_moved = 3 * predictions.size * 4
+    result: dict[str, Any] = {
+        "batch": batch,
+        "floor": {**floor, "bytes": bytes_moved, "GB_per_s": bytes_moved / floor["median_s"] / 1e9},
+        "agreement_max_rel_diff": check_agreement(losses, predictions, targets, labeled),
+        "losses": {},
+    }
+    for key, times in samples.items():
+        name, impl = key.split("/")
+        result["losses"].setdefault(name, {})[impl] = common.stats(times)
+    return result
+
+
+def print_batch(result: dict[str, Any], repeats: int) -> None:
+    floor = result["floor"]
+    print(
+        f"\nloss value_and_grad, [{result['batch']}, {SIZE}, {SIZE}, {K}] float32, "
+        f"median of {repeats} (ms); floor = {floor['bytes'] / 1e6:.0f} MB at "
+        f"{floor['GB_per_s']:.1f} GB/s = {floor['median_s'] * 1e3:.2f} ms"
+    )
+    rows = []
+    for name, impls in result["losses"].items():
+        ms = {impl: s["median_s"] * 1e3 for impl, s in impls.items()}
+        vj = ms["vertjax"]
+        rows.append(
+            [
+                name,
+                vj,
+                impls["vertjax"]["min_s"] * 1e3,
+                ms.get("baseline"),
+                ms.get("numpy"),
+                ms.get("torch"),
+                vj / (floor["median_s"] * 1e3),
+                ms["torch"] / vj if "torch" in ms else None,
+                ms["numpy"] / vj if "numpy" in ms else None,
+                ms["baseline"] / vj if "baseline" in ms else None,
+                result["agreement_max_rel_diff"][name],
+            ]
+        )
+    print(
+        common.format_table(
+            [
+                "loss",
+                "vertjax",
+                "(min)",
+                "baseline",
+                "numpy",
+                "torch",
+                "vs floor",
+                "torch/vj",
+                "numpy/vj",
+                "base/vj",
+                "rel diff vs numpy",
+            ],
+            rows,
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    common.ensure_malloc_tuning()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[8])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--baseline", default=None, help="another losses.py to time alongside")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-device", default=None, help="default: cuda on a GPU, else cpu")
+    parser.add_argument("--no-numpy", action="store_true")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--no-malloc-tuning", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 10:
+        parser.error("--repeats must be at least 10")
+
+    info = common.machine_info()
+    print(common.describe(info))
+    have_torch = not args.no_torch and info.get("torch") is not None
+    args.torch_device = args.torch_device or common.default_torch_device()
+    if not have_torch and not args.no_torch:
+        print("note: torch is not installed; the torch column is skipped (pip install .[bench])")
+    baseline = load_losses(args.baseline) if args.baseline else None
+    results: dict[str, Any] = {"machine": info, "args": vars(args), "batches": []}
+    for batch in args.batch:
+        result = run_batch(batch, args, have_torch, baseline)
+        print_batch(result, args.repeats)
+        results["batches"].append(result)
+    if args.json:
+        common.write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

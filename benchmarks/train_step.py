@@ -1,0 +1,292 @@
+"""Train-step benchmark: the vertjax U-Net step against the same network in PyTorch.
+
+    python -m benchmarks.train_step [--features 16 32] [--batch 8] [--json FILE]
+
+One step = forward, loss, backward and an Adam update on a batch of
+[B, 264, 264, 1] images with [B, 264, 264, 13] targets. vertjax: `jax.jit`
+of `vertjax.models.UNet` + `vertjax.losses.get(loss)` + `optax.adam`, with the
+train state donated. PyTorch: `torch_reference.UNet` (same layers and
+parameter count, channels_last, same up-sampling), eager, `torch.optim.Adam`.
+Both sides are timed in alternation. A second table gives each loss's
+train-step time and its overhead over mse (same network, base 16). With
+`--baseline DIR`, the models.py and losses.py in DIR (e.g. an earlier
+version of vertjax's) are timed alongside as a third contender.
+
+The targets are fixed Gaussians rendered once (`vertjax.heatmaps.render`):
+the step measured here is the network + loss + optimiser, not the input
+pipeline or on-device augmentation (see benchmarks/input_pipeline.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import os
+from typing import Any
+
+import numpy as np
+
+from benchmarks import common
+
+K = 13
+
+
+def make_batch(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random images [B, S, S, 1], centroids [B, K, 2] (model px), labeled [B, K]."""
+    rng = np.random.default_rng(seed)
+    ys = np.sort(rng.uniform(0.1, 0.9, (batch, K)), axis=1) * size
+    xs = rng.uniform(0.4, 0.6, (batch, K)) * size
+    labeled = np.zeros((batch, K), bool)
+    for b in range(batch):
+        first = rng.integers(0, K - 4)
+        labeled[b, first : first + rng.integers(4, K - first + 1)] = True
+    return {
+        "image": rng.standard_normal((batch, size, size, 1)).astype(np.float32),
+        "centroids": np.stack([xs, ys], axis=-1).astype(np.float32),
+        "labeled": labeled,
+    }
+
+
+def load_modules(directory: str | None) -> tuple[Any, Any]:
+    """(models, losses): vertjax's, or the models.py and losses.py in `directory`."""
+    if directory is None:
+        from vertjax import losses, models
+
+        return models, losses
+    loaded = []
+    for name in ("models", "losses"):
+        path = os.path.join(directory, f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
+        if spec is None or spec.loader is None or not os.path.exists(path):
+            raise FileNotFoundError(f"--baseline {directory}: no {name}.py there")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        loaded.append(module)
+    return loaded[0], loaded[1]
+
+
+def vertjax_step(
+    features: int,
+    loss_name: str,
+    data: dict[str, np.ndarray],
+    model_kwargs: dict,
+    modules: tuple[Any, Any] | None = None,
+):
+    """(step() that runs one donated jit train step and blocks, parameter count)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax.training import train_state
+
+    from vertjax import heatmaps
+
+    models, losses = modules or load_modules(None)
+
+    size = data["image"].shape[1]
+    model = models.UNet(features=features, **model_kwargs)
+    images = jnp.asarray(data["image"])
+    labeled = jnp.asarray(data["labeled"])
+    targets = heatmaps.render(
+        jnp.asarray(data["centroids"]), labeled, height=size, width=size, sigma=3.0
+    )
+    params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+    loss_fn = losses.get(loss_name)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, images, targets, labeled):
+        def loss_of(params):
+            predictions = state.apply_fn({"params": params}, images, train=True)
+            return jnp.mean(loss_fn(predictions=predictions, targets=targets, labeled=labeled))
+
+        loss, grads = jax.value_and_grad(loss_of)(state.params)
+        return state.apply_gradients(grads=grads), loss
+
+    holder = {"state": state}
+
+    def run():
+        holder["state"], loss = step(holder["state"], images, targets, labeled)
+        loss.block_until_ready()
+
+    count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+    return run, count
+
+
+def torch_step(
+    features: int,
+    loss_name: str,
+    data: dict[str, np.ndarray],
+    model_kwargs: dict,
+    device: str = "cpu",
+):
+    """(step() that runs one eager PyTorch train step, parameter count)."""
+    import torch
+
+    from benchmarks import torch_reference
+
+    size = data["image"].shape[1]
+    model = torch_reference.UNet(features=features, **model_kwargs).to(
+        device=device, memory_format=torch.channels_last
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = (
+        torch.from_numpy(data["image"])
+        .permute(0, 3, 1, 2)
+        .to(device)
+        .contiguous(memory_format=torch.channels_last)
+    )
+    targets = torch.from_numpy(_numpy_targets(data, size)).to(device)
+    labeled = torch.from_numpy(data["labeled"]).to(device)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        # NCHW in channels_last memory permuted to [B, H, W, K] is a free view
+        # with K minor, the layout the vertjax loss sees.
+        predictions = model(images).permute(0, 2, 3, 1)
+        loss = torch_reference.loss(loss_name, predictions, targets, labeled).mean()
+        loss.backward()
+        optimizer.step()
+        common.torch_sync(device)
+
+    return run, torch_reference.parameter_count(model)
+
+
+def _numpy_targets(data: dict[str, np.ndarray], size: int, sigma: float = 3.0) -> np.ndarray:
+    """The Gaussian targets [B, S, S, K] of `heatmaps.render`, in NumPy."""
+    centre = np.arange(size, dtype=np.float32) + 0.5
+    x = data["centroids"][..., 0][:, None, None, :]
+    y = data["centroids"][..., 1][:, None, None, :]
+    g = np.exp(
+        -((centre[None, None, :, None] - x) ** 2 + (centre[None, :, None, None] - y) ** 2)
+        / (2 * sigma**2)
+    )
+    return (g * data["labeled"][:, None, None, :]).astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    common.ensure_malloc_tuning()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=264)
+    parser.add_argument("--loss", default="l2", help="loss of the vertjax-vs-PyTorch table")
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--norm", default="group")
+    parser.add_argument("--upsample", default="resize")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--loss-repeats", type=int, default=10)
+    parser.add_argument(
+        "--baseline", default=None, help="dir with models.py, losses.py to time too"
+    )
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-device", default=None, help="default: cuda on a GPU, else cpu")
+    parser.add_argument("--no-loss-table", action="store_true")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--no-malloc-tuning", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    info = common.machine_info()
+    print(common.describe(info))
+    model_kwargs = dict(depth=args.depth, norm=args.norm, upsample=args.upsample)
+    data = make_batch(args.batch, args.size)
+    have_torch = not args.no_torch and info.get("torch") is not None
+    args.torch_device = args.torch_device or common.default_torch_device()
+    if not have_torch and not args.no_torch:
+        print("note: torch is not installed; the PyTorch column is skipped (pip install .[bench])")
+
+    results: dict[str, Any] = {"machine": info, "args": vars(args), "network": [], "losses": []}
+    rows = []
+    for features in args.features:
+        contenders = {}
+        jax_run, jax_params = vertjax_step(features, args.loss, data, model_kwargs)
+        contenders["vertjax"] = jax_run
+        if args.baseline:
+            contenders["baseline"] = vertjax_step(
+                features, args.loss, data, model_kwargs, load_modules(args.baseline)
+            )[0]
+        torch_params = None
+        if have_torch:
+            torch_run, torch_params = torch_step(
+                features, args.loss, data, model_kwargs, args.torch_device
+            )
+            contenders["torch"] = torch_run
+        samples = common.time_interleaved(contenders, repeats=args.repeats, warmup=2)
+        jax_s = common.stats(samples["vertjax"])
+        torch_s = common.stats(samples["torch"]) if have_torch else None
+        base_s = common.stats(samples["baseline"]) if args.baseline else None
+        speedup = torch_s["median_s"] / jax_s["median_s"] if torch_s else None
+        rows.append(
+            [
+                features,
+                jax_params,
+                torch_params,
+                jax_s["median_s"],
+                jax_s["min_s"],
+                torch_s and torch_s["median_s"],
+                torch_s and torch_s["min_s"],
+                base_s and base_s["median_s"],
+                speedup,
+                base_s and base_s["median_s"] / jax_s["median_s"],
+            ]
+        )
+        results["network"].append(
+            {
+                "features": features,
+                "params_vertjax": jax_params,
+                "params_torch": torch_params,
+                "vertjax": jax_s,
+                "torch": torch_s,
+                "baseline": base_s,
+                "torch_over_vertjax": speedup,
+            }
+        )
+    print(
+        f"\ntrain step, batch {args.batch} x {args.size}^2, loss {args.loss}, "
+        f"UNet(depth={args.depth}, norm={args.norm}, upsample={args.upsample}), "
+        f"median of {args.repeats} (s)"
+    )
+    print(
+        common.format_table(
+            [
+                "features",
+                "params vertjax",
+                "params torch",
+                "vertjax s",
+                "(min)",
+                "torch s",
+                "(min)",
+                "baseline s",
+                "torch/vertjax",
+                "baseline/vertjax",
+            ],
+            rows,
+        )
+    )
+
+    if not args.no_loss_table:
+        contenders = {
+            name: vertjax_step(args.features[0], name, data, model_kwargs)[0]
+            for name in ("mse", "l1", "l2", "l3")
+        }
+        samples = common.time_interleaved(contenders, repeats=args.loss_repeats, warmup=2)
+        base = common.stats(samples["mse"])["median_s"]
+        loss_rows = []
+        for name, times in samples.items():
+            s = common.stats(times)
+            overhead = 100.0 * (s["median_s"] / base - 1.0)
+            loss_rows.append([name, s["median_s"], s["min_s"], overhead])
+            results["losses"].append({"loss": name, **s, "overhead_over_mse_pct": overhead})
+        print(
+            f"\nvertjax train step per loss, features {args.features[0]}, "
+            f"median of {args.loss_repeats} (s)"
+        )
+        print(common.format_table(["loss", "step s", "(min)", "over mse %"], loss_rows))
+
+    if args.json:
+        common.write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
