@@ -130,7 +130,7 @@ def main(argv):
     ]
     if os.path.isdir(_AASCE.value):
         aasce_dir = os.path.abspath(_AASCE.value)
-        builds.append(_build_rate(sr.SpineConfig(name="aasce", source="aasce"), aasce_dir))
+        builds.append(_build_rate(sr.SpineConfig(name="aasce_bench", source="aasce"), aasce_dir))
     else:
         print(f"AASCE data not found at {_AASCE.value}: skipping its build rate")
     try:

@@ -340,7 +340,13 @@ def example_figures(run_path: str | os.PathLike, n: int) -> list[Figure]:
     # The datasets (TFDS) are needed only for the examples.
     from vertjax import data
 
-    model = predict.load_model(run_path, "best")
+    # The checkpoint the run reported in results.json, on the split it reported.
+    ckpt = checkpoints.Checkpointer(str(Path(run_path) / "checkpoints"), read_only=True)
+    try:
+        saved = ckpt.restore_config(ckpt.resolve("latest"))
+    finally:
+        ckpt.close()
+    model = predict.load_model(run_path, saved.get("eval_checkpoint", "best"))
     config = model.config
     d = config.dataset
     try:
@@ -433,7 +439,7 @@ def write_report(
     example_paths = write_examples(groups, out, examples)
     markdown += "\n## Plots\n\n" + "".join(f"![{name}]({name})\n" for name in figures)
     if example_paths:
-        markdown += "\n## Example predictions (test records, best checkpoint)\n\n"
+        markdown += "\n## Example predictions (evaluation split, reported checkpoint)\n\n"
         markdown += "".join(
             f"![{p.stem}]({p.relative_to(out).as_posix()})\n" for p in example_paths
         )
