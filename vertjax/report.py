@@ -326,7 +326,7 @@ def plot_training_curves(groups: dict[tuple[str, str, str], list[Run]]) -> Figur
 
 
 def example_figures(run_path: str | os.PathLike, n: int) -> list[Figure]:
-    """Overlays of the best checkpoint on the first `n` records of the run's eval split.
+    """Overlays of the reported checkpoint on the first `n` records of the run's eval split.
 
     Each record's S x S image is drawn stretched back to its original aspect
     ratio, with the predicted centroids and the labelled ground truth
@@ -340,13 +340,10 @@ def example_figures(run_path: str | os.PathLike, n: int) -> list[Figure]:
     # The datasets (TFDS) are needed only for the examples.
     from vertjax import data
 
-    # The checkpoint the run reported in results.json, on the split it reported.
-    ckpt = checkpoints.Checkpointer(str(Path(run_path) / "checkpoints"), read_only=True)
-    try:
-        saved = ckpt.restore_config(ckpt.resolve("latest"))
-    finally:
-        ckpt.close()
-    model = predict.load_model(run_path, saved.get("eval_checkpoint", "best"))
+    # The checkpoint step results.json reports (else the best), on its split.
+    results = Path(run_path) / RESULTS_FILE
+    step = json.loads(results.read_text()).get("steps") if results.is_file() else None
+    model = predict.load_model(run_path, "best" if step is None else int(step))
     config = model.config
     d = config.dataset
     try:
