@@ -3,12 +3,15 @@
 Command:
   python -m vertjax.main --config=configs/l3.py
 
-Measured (2-core CPU shared with other jobs, load average about 9, jax
-0.10.2): the default model (U-Net, 16 base features, 4 poolings, group
-norm; 2.16 M parameters) ran at 0.12 steps/s (8.3 s per step of batch 8,
-augmentation on); a 20-step probe on synthetic_small took 3 min 45 s end to
-end. The full 3,000-step schedule therefore needs a GPU or a lighter recipe
-on this CPU; a complete run's time and test metrics are not measured yet.
+Measured (2-core AMD EPYC CPU, no other load, jax 0.10.2, synthetic dataset
+already built; building it first adds about 30 s idle, 2 min under load):
+20 min 9 s wall clock for the whole command (1,500 steps of batch 4 at 1.28
+steps/s, 1,096 s of training, then the test evaluation). Best checkpoint
+(step 1500) on the synthetic test split (246 films, 1,599 labelled
+vertebrae): ID accuracy 97.6 %, RMSE 6.85 px, mean error 10.4 px (2.28 mm),
+presence precision 100 % / recall 85.2 %, visible-but-unlabelled recall
+54.1 %. Validation ID accuracy: 47.8 % at step 250, 76.7 % at 500, 89.6 % at
+1000, 97.4 % at 1500.
 """
 
 import ml_collections
