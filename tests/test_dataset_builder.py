@@ -525,7 +525,13 @@ def test_synthetic_pool_matches_single_process():
 
 @pytest.mark.parametrize("config", ["aasce", "aasce_fov"])
 def test_aasce_build_on_dummy_data(tmp_path, config):
-    builder = data.get_builder(config, data_dir=str(tmp_path), manual_dir=str(DUMMY / "aasce"))
+    # The placeholder films are stored flat; laid out here as the AASCE manual dir.
+    manual = tmp_path / "manual" / "boostnet_labeldata"
+    for kind, sub in (("images", "data"), ("labels", "labels")):
+        shutil.copytree(DUMMY / "aasce" / kind, manual / sub / "training")
+    builder = data.get_builder(
+        config, data_dir=str(tmp_path / "tfds"), manual_dir=str(manual.parent)
+    )
     by_split = _records(builder)
     assert "test" not in by_split  # no data/test in the manual dir
     flat = [r for recs in by_split.values() for r in recs]
