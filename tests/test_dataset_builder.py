@@ -523,15 +523,18 @@ def test_synthetic_pool_matches_single_process():
         np.testing.assert_array_equal(a["truth_centroids"], b["truth_centroids"])
 
 
+def _aasce_manual_dir(tmp_path):
+    """The flat placeholder films and labels laid out as an AASCE manual directory."""
+    manual = tmp_path / "aasce"
+    for kind, sub in (("images", "data"), ("labels", "labels")):
+        shutil.copytree(DUMMY / "aasce" / kind, manual / "boostnet_labeldata" / sub / "training")
+    return manual
+
+
 @pytest.mark.parametrize("config", ["aasce", "aasce_fov"])
 def test_aasce_build_on_dummy_data(tmp_path, config):
-    # The placeholder films are stored flat; laid out here as the AASCE manual dir.
-    manual = tmp_path / "manual" / "boostnet_labeldata"
-    for kind, sub in (("images", "data"), ("labels", "labels")):
-        shutil.copytree(DUMMY / "aasce" / kind, manual / sub / "training")
-    builder = data.get_builder(
-        config, data_dir=str(tmp_path / "tfds"), manual_dir=str(manual.parent)
-    )
+    manual = _aasce_manual_dir(tmp_path)
+    builder = data.get_builder(config, data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
     by_split = _records(builder)
     assert "test" not in by_split  # no data/test in the manual dir
     flat = [r for recs in by_split.values() for r in recs]
@@ -549,8 +552,7 @@ def test_aasce_build_on_dummy_data(tmp_path, config):
 
 
 def test_aasce_official_test_part_becomes_test_split(tmp_path):
-    manual = tmp_path / "aasce"
-    shutil.copytree(DUMMY / "aasce", manual)
+    manual = _aasce_manual_dir(tmp_path)
     root = manual / "boostnet_labeldata"
     for kind in ("data", "labels"):
         (root / kind / "test").mkdir()
@@ -582,7 +584,7 @@ import sys
 assert importlib.util.find_spec("tensorflow") is None, "tensorflow is installed"
 from vertjax import data
 builder = data.get_builder("aasce_fov", data_dir={str(tmp_path)!r},
-                           manual_dir={str(DUMMY / "aasce")!r})
+                           manual_dir={str(_aasce_manual_dir(tmp_path))!r})
 source = builder.as_data_source("train")
 record = source[0]
 assert record["image"].shape == (264, 264, 1), record["image"].shape
