@@ -15,11 +15,12 @@
 #    tolerance (matmul precision 'highest', so no TF32 in the comparison);
 # 2. timings: benchmarks.loss_step (B = 8, 32; the floor is an elementwise
 #    pass of the same bytes, i.e. the card's achievable HBM bandwidth) and
-#    benchmarks.train_step (base 16 and 32 against PyTorch CUDA; each
-#    framework's default precision).
+#    benchmarks.train_step (the configs/default.py network at base 16 and 32
+#    against PyTorch CUDA; each framework's default precision) and
+#    benchmarks.predict (64 radiograph-sized PNGs, random weights).
 # Output: OUTDIR/{env.txt, check.txt, loss_step.txt, loss_step.json,
-# train_step.txt, train_step.json}. Exit status 1 if the check fails, 2 if
-# jax sees no GPU.
+# train_step.txt, train_step.json, predict.txt, predict.json}. Exit status 1
+# if the check fails, 2 if jax sees no GPU.
 #
 #   bash benchmarks/gpu.sh --cpu-dry-run OUTDIR
 # runs the same steps on the CPU with the CPU standing in for the GPU and
@@ -71,7 +72,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import loss_step, train_step
-from vertjax import heatmaps, losses, models
+from configs import default
+from vertjax import heatmaps, losses, train
 
 cpu = jax.devices("cpu")[0]
 gpu = cpu if os.environ.get("GPU_SH_DRY_RUN") == "1" else jax.devices("gpu")[0]
@@ -103,7 +105,7 @@ with jax.default_matmul_precision("highest"):
         print(f"loss {name}: value rel diff {dv:.2e}, grad rel diff {dg:.2e} {'ok' if ok else 'FAIL'}")
 
     data = train_step.make_batch(2, 264)
-    model = models.UNet(features=16)
+    model = train.make_model(default.get_config())
     images = jnp.asarray(data["image"])
     lab = jnp.asarray(data["labeled"])
     targets = heatmaps.render(jnp.asarray(data["centroids"]), lab, height=264, width=264, sigma=3.0)
@@ -127,7 +129,7 @@ with jax.default_matmul_precision("highest"):
     ok = dl < 1e-4 and dg < 1e-3
     failed += [] if ok else ["train step"]
     print(
-        f"train step (UNet base 16, l2, batch 2): loss rel diff {dl:.2e}, "
+        f"train step (configs/default.py UNet, l2, batch 2): loss rel diff {dl:.2e}, "
         f"grad rel L2 diff {dg:.2e} {'ok' if ok else 'FAIL'}"
     )
 
@@ -140,15 +142,19 @@ set -e
 if [[ "$DRY_RUN" == 1 ]]; then
   loss_args=(--batch 8 --repeats 10 --no-numpy)
   train_args=(--features 16 --repeats 1 --loss-repeats 1)
+  predict_args=(--files 4 --batch 2 --width 300 --height 800)
 else
   loss_args=(--batch 8 32 --repeats 20 --no-numpy)
   train_args=(--features 16 32 --repeats 10)
+  predict_args=(--files 64 --batch 8)
 fi
 echo "== timings" | tee "$OUTDIR/loss_step.txt"
 "$PY" -m benchmarks.loss_step "${loss_args[@]}" \
   --json "$OUTDIR/loss_step.json" 2>&1 | tee -a "$OUTDIR/loss_step.txt"
 "$PY" -m benchmarks.train_step "${train_args[@]}" \
   --json "$OUTDIR/train_step.json" 2>&1 | tee "$OUTDIR/train_step.txt"
+"$PY" -m benchmarks.predict "${predict_args[@]}" \
+  --json "$OUTDIR/predict.json" 2>&1 | tee "$OUTDIR/predict.txt"
 
 if [[ "$check_status" != 0 ]]; then
   echo "GPU check FAILED (see $OUTDIR/check.txt)" >&2

@@ -51,31 +51,11 @@ def write_radiographs(folder: Path, count: int, *, width: int, height: int, fmt:
 
             Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).save(path)
         else:
-            _write_dicom(path, np.rint(pixels * 4095).astype(np.uint16))
+            from vertjax import imaging
+
+            imaging.write_dicom(path, np.rint(pixels * 4095), spacing=0.14, bits_stored=12)
         paths.append(path)
     return paths
-
-
-def _write_dicom(path: Path, raw: np.ndarray) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = raw.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.PixelSpacing = [0.14, 0.14]
-    ds.PixelData = raw.tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def random_model(config_path: str) -> Any:

@@ -3,9 +3,9 @@
 `UNet` mirrors `vertjax.models.UNet` layer for layer (same parameter count,
 same padding to a multiple of 2**depth and crop, GroupNorm with up to 8
 groups and epsilon 1e-6 as in flax, nearest x2 + 3x3 conv or a 2x2
-transposed conv up, 1x1 linear output); `loss` mirrors `vertjax.losses` on
-[B, H, W, K] tensors with K minor, the layout vertjax uses, so both sides do
-the same work. Nothing in vertjax imports this module: torch is an optional
+transposed conv up, channels capped at `max_features`, 1x1 linear output);
+`loss` mirrors `vertjax.losses` on [B, H, W, K] tensors with K minor, the
+layout vertjax uses, so both sides do the same work. Nothing in vertjax imports this module: torch is an optional
 benchmark dependency (`pip install .[bench]`).
 """
 
@@ -70,6 +70,7 @@ class UNet(nn.Module):
         depth: int = 4,
         norm: str = "group",
         upsample: str = "resize",
+        max_features: int | None = None,
     ):
         super().__init__()
         if upsample not in ("resize", "transpose"):
@@ -77,6 +78,8 @@ class UNet(nn.Module):
         self.depth = depth
         self.upsample = upsample
         widths = [features * 2**level for level in range(depth + 1)]
+        if max_features:
+            widths = [min(width, max_features) for width in widths]
         self.down = nn.ModuleList()
         channels = 1
         for level in range(depth):

@@ -3,7 +3,9 @@
     python -m benchmarks.train_step [--features 16 32] [--batch 8] [--json FILE]
 
 One step = forward, loss, backward and an Adam update on a batch of
-[B, 264, 264, 1] images with [B, 264, 264, 13] targets. vertjax: `jax.jit`
+[B, 264, 264, 1] images with [B, 264, 264, 13] targets. The network is the
+one `configs/default.py` trains (depth, norm, up-sampling, channel cap);
+`--depth`, `--norm`, `--upsample` and `--max-features` override it. vertjax: `jax.jit`
 of `vertjax.models.UNet` + `vertjax.losses.get(loss)` + `optax.adam`, with the
 train state donated. PyTorch: `torch_reference.UNet` (same layers and
 parameter count, channels_last, same up-sampling), eager, `torch.optim.Adam`.
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
+from configs import default as default_config
 
 K = 13
 
@@ -171,9 +174,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=264)
     parser.add_argument("--loss", default="l2", help="loss of the vertjax-vs-PyTorch table")
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--norm", default="group")
-    parser.add_argument("--upsample", default="resize")
+    recipe = default_config.get_config().model
+    parser.add_argument("--depth", type=int, default=recipe.depth)
+    parser.add_argument("--norm", default=recipe.norm)
+    parser.add_argument("--upsample", default=recipe.upsample)
+    parser.add_argument(
+        "--max-features", type=int, default=recipe.max_features, help="channel cap (0: none)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loss-repeats", type=int, default=10)
     parser.add_argument(
@@ -188,7 +195,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     info = common.machine_info()
     print(common.describe(info))
-    model_kwargs = dict(depth=args.depth, norm=args.norm, upsample=args.upsample)
+    model_kwargs = dict(
+        depth=args.depth,
+        norm=args.norm,
+        upsample=args.upsample,
+        max_features=args.max_features or None,
+    )
     data = make_batch(args.batch, args.size)
     have_torch = not args.no_torch and info.get("torch") is not None
     args.torch_device = args.torch_device or common.default_torch_device()
@@ -243,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     print(
         f"\ntrain step, batch {args.batch} x {args.size}^2, loss {args.loss}, "
-        f"UNet(depth={args.depth}, norm={args.norm}, upsample={args.upsample}), "
+        f"UNet(depth={args.depth}, norm={args.norm}, upsample={args.upsample}, "
+        f"max_features={args.max_features or None}), "
         f"median of {args.repeats} (s)"
     )
     print(

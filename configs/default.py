@@ -44,16 +44,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.norm = "group"  # group, layer or none
     config.model.upsample = "transpose"  # transpose or resize
     config.model.output_bias_init = 0.0
-    config.model.zero_init_output = True  # start from silent heatmaps (escapes the all-zero plateau)
+    config.model.zero_init_output = True  # silent first heatmaps: escapes the all-zero plateau
     config.model.dtype = "float32"  # float32 or bfloat16 (activations)
-    config.model.max_features = 64  # cap on any level's channels (0 = no cap); halves depth 5's cost
+    config.model.max_features = 64  # channel cap per level (0 = none); halves depth 5's cost
     config.model.activation = "relu"
     config.model.bottleneck_dilations = ()  # e.g. (2, 4, 8): dilated blocks widen the view
     config.model.global_context = False  # add a pooled context vector at the bottleneck
 
     # Targets and loss.
     config.loss = "l3"  # mse, l1, l2 or l3 (paper, Appendix B)
-    config.sigma = 8.0  # Gaussian target width in model pixels (final value); 3 stays on the plateau
+    config.sigma = 8.0  # target Gaussian width, model px (final value); 3 stays on the plateau
     # Optional sigma schedule: wide targets early, narrowing linearly from
     # sigma_start to `sigma` over sigma_decay_steps. sigma_decay_steps = 0 is off.
     config.sigma_start = 8.0

@@ -11,10 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from vertjax import overlay, predict, vertebrae
+from vertjax import imaging, overlay, predict, vertebrae
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 264
@@ -40,27 +38,6 @@ def _blob_image(x0: float, y0: float, *, seed: int) -> np.ndarray:
     return pixels.astype(np.float32)
 
 
-def _write_dicom(path: Path, raw: np.ndarray, *, photometric: str, spacing: float | None) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = raw.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    if spacing is not None:
-        ds.PixelSpacing = [spacing, spacing]
-    ds.PixelData = raw.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 # (file name, blob x, blob y, pixel spacing in mm or None)
 FILES = (
     ("upper.png", 300.25, 700.5, None),
@@ -82,11 +59,15 @@ def _write_inputs(folder: Path) -> dict[str, tuple[float, float, float | None]]:
             Image.fromarray(np.rint(pixels * 60000).astype(np.uint16)).save(path)
         elif name == "mono1.dcm":
             # MONOCHROME1 stores bone dark: the reader must invert it.
-            _write_dicom(
-                path, np.rint((1 - pixels) * 4095), photometric="MONOCHROME1", spacing=spacing
+            imaging.write_dicom(
+                path,
+                np.rint((1 - pixels) * 4095),
+                photometric="MONOCHROME1",
+                spacing=spacing,
+                bits_stored=12,
             )
         else:
-            _write_dicom(path, np.rint(pixels * 4095), photometric="MONOCHROME2", spacing=spacing)
+            imaging.write_dicom(path, np.rint(pixels * 4095), spacing=spacing, bits_stored=12)
     return {name: (x0, y0, spacing) for name, x0, y0, spacing in FILES}
 
 

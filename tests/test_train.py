@@ -13,7 +13,7 @@ import pytest
 from flax.training import train_state
 
 from configs import test as test_config
-from vertjax import checkpoints, data, losses, train
+from vertjax import augment, checkpoints, data, losses, train
 
 S = 32
 
@@ -84,12 +84,12 @@ def test_sigma_schedule_narrows_linearly_then_holds():
 
 def test_augment_with_zero_ranges_is_the_identity():
     batch = _batch()
-    images, points, labeled = train.augment(
+    images, points, labeled = augment.augment(
         jax.random.key(0),
         jnp.asarray(batch["image"]),
         jnp.asarray(batch["centroids"] * S),
         jnp.asarray(batch["labeled"]),
-        train.Augment(),
+        augment.Augment(),
     )
     np.testing.assert_allclose(images, batch["image"], atol=1e-5)
     np.testing.assert_allclose(points, batch["centroids"] * S, atol=1e-4)
@@ -102,9 +102,9 @@ def test_augment_moves_image_and_centroids_together():
     image[0, 7:10, 19:22, 0] = 1.0
     points = np.zeros((1, 13, 2), np.float32)
     points[0, 0] = (20.5, 8.5)
-    aug = train.Augment(rotate_degrees=20.0, scale=0.2, shift=0.1)
+    aug = augment.Augment(rotate_degrees=20.0, scale=0.2, shift=0.1)
     for seed in range(3):
-        out, moved, _ = train.augment(
+        out, moved, _ = augment.augment(
             jax.random.key(seed),
             jnp.asarray(image),
             jnp.asarray(points),
@@ -124,10 +124,10 @@ def test_augment_moves_image_and_centroids_together():
 def test_augment_unlabels_centroids_moved_outside():
     points = np.full((1, 13, 2), S / 2, np.float32)
     points[0, 0] = (0.5, 0.5)  # at the corner: any inward push keeps it, outward loses it
-    aug = train.Augment(shift=0.3)
+    aug = augment.Augment(shift=0.3)
     outside = []
     for seed in range(20):
-        _, moved, labeled = train.augment(
+        _, moved, labeled = augment.augment(
             jax.random.key(seed),
             jnp.zeros((1, S, S, 1)),
             jnp.asarray(points),
@@ -170,7 +170,7 @@ def test_train_step_matches_the_loss_module_on_rendered_targets():
 
 
 def test_train_step_with_augmentation_depends_on_the_step_only():
-    aug = train.Augment(rotate_degrees=5.0, shift=0.05, contrast=0.1, gamma=0.2)
+    aug = augment.Augment(rotate_degrees=5.0, shift=0.05, contrast=0.1, gamma=0.2)
     step = jax.jit(_step(aug=aug))
     batch, rng = jax.tree.map(jnp.asarray, _batch()), jax.random.key(1)
     _, a = step(_state(), batch, rng)

@@ -4,7 +4,9 @@ One entry point per direction: `read_radiograph` turns a PNG, JPEG, TIFF or
 DICOM file into grey values in [0, 1] (windowed, MONOCHROME1 inverted) plus
 the pixel spacing when the file knows it; `to_model_input` resizes such an
 image to the model's S x S uint8 input. Every fault raises `ImageError`,
-whose message starts with the file's path.
+whose message starts with the file's path. `write_dicom` writes the minimal
+grey-scale DICOM that `read_radiograph` accepts (test fixtures, benchmark
+inputs, wrapping an exported image for a DICOM-only pipeline).
 """
 
 from __future__ import annotations
@@ -285,3 +287,56 @@ def _dicom_spacing(ds) -> float | None:
             if np.isfinite(spacing) and spacing > 0:
                 return spacing
     return None
+
+
+def write_dicom(
+    path: str | os.PathLike,
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    spacing: float | tuple[float, float] | None = (0.2, 0.2),
+    spacing_tag: str = "PixelSpacing",
+    bits_stored: int = 16,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    with_pixels: bool = True,
+    frames: int = 1,
+) -> None:
+    """Writes uint16 grey values ([H, W], or [F, H, W] with frames > 1) as a DX DICOM file.
+
+    Uncompressed secondary capture, explicit VR little endian. `spacing` is
+    the (row, column) spacing in mm, or one value for both, stored under
+    `spacing_tag` (PixelSpacing or ImagerPixelSpacing); None leaves it out.
+    `with_pixels=False` writes the header alone.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    pixels = np.asarray(pixels)
+    if not 1 <= bits_stored <= 16 or (pixels.size and int(pixels.max()) >= 2**bits_stored):
+        raise ValueError(f"{path}: pixel values need {bits_stored} bits or fewer")
+    pixels = pixels.astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if spacing is not None:
+        row, column = (spacing, spacing) if np.isscalar(spacing) else spacing
+        setattr(ds, spacing_tag, [float(row), float(column)])
+    ds.RescaleSlope = slope
+    ds.RescaleIntercept = intercept
+    if with_pixels:
+        ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)

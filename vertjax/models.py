@@ -17,16 +17,17 @@ Inputs of any height and width are zero-padded at the bottom and right to a
 multiple of 2**depth and the output is cropped back. Zeros, not reflection:
 a mirrored border would show the network mirrored vertebrae to count.
 
-Speed (XLA:CPU; figures in benchmarks/RESULTS.md): three layers are written
+Speed (XLA:CPU; figures in benchmarks/RESULTS.md): four layers are written
 out rather than taken from flax/jax. They compute the same function with
-cheaper HLO. `GroupNorm` takes its statistics from per-channel sums over
+cheaper HLO and keep flax's parameter names and shapes. `GroupNorm` takes its statistics from per-channel sums over
 (H, W), a reduction that keeps the channel axis minor, instead of reducing
 a [B, H, W, G, C/G] view. `max_pool_2x2` is a reshape + max whose gradient
 goes to the first maximum of each window, as `nn.max_pool`'s does, without
 the four int32 index arrays that XLA's reduce-window gradient builds.
 `upsample_2x` repeats pixels with a broadcast and sums 2x2 blocks in its
 gradient, where `jax.image.resize(method='nearest')` uses a gather and a
-scatter-add.
+scatter-add. `ConvTranspose2x2` is a matrix product and a pixel shuffle,
+where `nn.ConvTranspose` convolves a zero-dilated input.
 """
 
 import math
@@ -123,6 +124,34 @@ def _upsample_2x_bwd(_, dy: jax.Array) -> tuple[jax.Array]:
 
 
 _upsample_2x.defvjp(_upsample_2x_fwd, _upsample_2x_bwd)
+
+
+class ConvTranspose2x2(nn.Module):
+    """2x2 transposed convolution, stride 2: [B, H, W, C] -> [B, 2H, 2W, features].
+
+    The function and parameters (`kernel` [2, 2, C, features], `bias`) of
+    `nn.ConvTranspose(features, (2, 2), strides=(2, 2))`. With stride equal to
+    the kernel size, the output windows do not overlap: each input pixel
+    writes its own 2x2 block, so the layer is one matrix product
+    [B*H*W, C] x [C, 2*2*features] and a pixel shuffle. XLA:CPU compiles
+    `lax.conv_transpose` to a convolution over the zero-dilated input, which
+    does four times the multiplications and has a slow gradient.
+    """
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, channels = x.shape
+        kernel = self.param(
+            "kernel", nn.linear.default_kernel_init, (2, 2, channels, self.features), jnp.float32
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        # flax's ConvTranspose applies the kernel flipped in both spatial axes.
+        kernel = kernel[::-1, ::-1].astype(self.dtype)
+        y = jnp.einsum("bhwc,ijco->bhiwjo", x.astype(self.dtype), kernel)
+        return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
 
 
 class GroupNorm(nn.Module):
@@ -278,7 +307,10 @@ class UNet(nn.Module):
         for level in reversed(range(self.depth)):
             channels = self._width(level)
             if self.upsample == "transpose":
-                x = nn.ConvTranspose(channels, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+                # Named as nn.ConvTranspose's layers were: checkpoints stay loadable.
+                x = ConvTranspose2x2(
+                    channels, dtype=self.dtype, name=f"ConvTranspose_{self.depth - 1 - level}"
+                )(x)
             else:
                 x = nn.Conv(channels, (3, 3), dtype=self.dtype)(upsample_2x(x))
             x = jnp.concatenate([x, skips[level]], axis=-1)

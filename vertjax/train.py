@@ -1,7 +1,7 @@
-"""Training: the jit train step, on-device augmentation and the training loop.
+"""Training: the jit train step and the training loop.
 
-One `jax.jit` step renders the Gaussian targets on device from the batch
-centroids, runs the U-Net, applies the configured loss (`losses.get`) and an
+One `jax.jit` step augments the batch on device (`vertjax.augment`),
+renders the Gaussian targets from the batch centroids, runs the U-Net, applies the configured loss (`losses.get`) and an
 optax Adam update with warm-up and decay. Everything runs on a
 `jax.sharding.Mesh` with one 'data' axis: the batch is split along it,
 parameters and optimiser state are replicated. The loop validates every
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from absl import logging
 from flax.training import train_state
 
 from vertjax import (
+    augment,
     checkpoints,
     config_checks,
     data,
@@ -168,97 +168,6 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
-@dataclasses.dataclass(frozen=True)
-class Augment:
-    """Augmentation ranges; plain values so that it can be bound with partial."""
-
-    rotate_degrees: float = 0.0
-    scale: float = 0.0
-    shift: float = 0.0
-    contrast: float = 0.0
-    brightness: float = 0.0
-    gamma: float = 0.0
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> Augment | None:
-        a = config.augment
-        if not a.enabled:
-            return None
-        return cls(
-            rotate_degrees=float(a.rotate_degrees),
-            scale=float(a.scale),
-            shift=float(a.shift),
-            contrast=float(a.contrast),
-            brightness=float(a.brightness),
-            gamma=float(a.gamma),
-        )
-
-
-def _augment_one(
-    rng: jax.Array, image: jax.Array, points: jax.Array, labeled: jax.Array, *, aug: Augment
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One example: image [S, S, 1], points [K, 2] model px, labeled [K]."""
-    size = image.shape[0]
-    # One draw for all seven factors: each separate threefry call costs XLA
-    # seconds of compile time on CPU.
-    u = jax.random.uniform(rng, (7,), minval=-1.0, maxval=1.0)
-    angle = jnp.deg2rad(u[0] * aug.rotate_degrees)
-    zoom = 1.0 + u[1] * aug.scale
-    shift = u[2:4] * aug.shift * size
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
-    rotation = jnp.array([[cos, -sin], [sin, cos]])
-    centre = jnp.array([size / 2.0, size / 2.0])
-
-    # Forward map of points: p' = zoom * R (p - c) + c + shift. Pixels are
-    # resampled through the inverse map at each output pixel centre.
-    moved = (points - centre) @ rotation.T * zoom + centre + shift
-    coords = jnp.arange(size, dtype=jnp.float32) + 0.5
-    grid = jnp.stack(jnp.meshgrid(coords, coords, indexing="xy"), axis=-1)  # [S, S, (x, y)]
-    source = (grid - centre - shift) @ rotation / zoom + centre
-    # Outside the source image reads as its darkest value: sample the image
-    # minus its minimum with zero padding (map_coordinates' cval is static).
-    fill = jnp.min(image)
-    warped = fill + jax.scipy.ndimage.map_coordinates(
-        image[..., 0] - fill,
-        [source[..., 1] - 0.5, source[..., 0] - 0.5],
-        order=1,
-        mode="constant",
-        cval=0.0,
-    )
-
-    # Gamma on the image's own [min, max] range, then gain and offset.
-    lo, hi = jnp.min(warped), jnp.max(warped)
-    span = jnp.maximum(hi - lo, 1e-6)
-    log_gamma = u[4] * math.log1p(aug.gamma)
-    unit = jnp.clip((warped - lo) / span, 0.0, 1.0) ** jnp.exp(log_gamma)
-    gain = 1.0 + u[5] * aug.contrast
-    offset = u[6] * aug.brightness
-    out = (lo + unit * span) * gain + offset
-
-    inside = jnp.all((moved >= 0.0) & (moved < size), axis=-1)
-    return out[..., None], moved, labeled & inside
-
-
-def augment(
-    rng: jax.Array, images: jax.Array, points: jax.Array, labeled: jax.Array, aug: Augment
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Random similarity transform + intensity changes, per example.
-
-    Args:
-      rng: PRNG key for the batch.
-      images: [B, S, S, 1] float32, normalised.
-      points: [B, K, 2] centroids in model pixels.
-      labeled: [B, K] bool.
-      aug: ranges.
-
-    Returns:
-      (images [B, S, S, 1], points [B, K, 2], labeled [B, K]); a centroid moved
-      out of the image is no longer labelled.
-    """
-    keys = jax.random.split(rng, images.shape[0])
-    return jax.vmap(functools.partial(_augment_one, aug=aug))(keys, images, points, labeled)
-
-
 def sigma_at(step: jax.Array, *, sigma: float, sigma_start: float, decay_steps: int) -> jax.Array:
     """Target width at `step`: linear from sigma_start to sigma over decay_steps."""
     if decay_steps <= 0:
@@ -278,7 +187,7 @@ def train_step(
     sigma_start: float,
     sigma_decay_steps: int,
     learning_rate_fn: optax.Schedule,
-    aug: Augment | None,
+    aug: augment.Augment | None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step.
 
@@ -297,7 +206,7 @@ def train_step(
     points = batch["centroids"] * image_size
     labeled = batch["labeled"]
     if aug is not None:
-        images, points, labeled = augment(
+        images, points, labeled = augment.augment(
             jax.random.fold_in(rng, state.step), images, points, labeled, aug
         )
     width = sigma_at(
@@ -342,7 +251,7 @@ def make_train_step(
         sigma_start=float(config.sigma_start),
         sigma_decay_steps=int(config.sigma_decay_steps),
         learning_rate_fn=make_learning_rate(config),
-        aug=Augment.from_config(config),
+        aug=augment.Augment.from_config(config),
     )
     rep, shard = replicated(mesh), data_sharded(mesh)
     kept = rep if state_shardings is None else state_shardings
@@ -434,6 +343,27 @@ def _check_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return mesh
 
 
+def _evaluator(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    state: TrainState,
+    *,
+    mean: float,
+    std: float,
+    train_source: Any,
+) -> evaluate.Evaluator:
+    """The evaluator of `state`'s network, with the parameters sharded as in `state`."""
+    return evaluate.Evaluator(
+        config,
+        mesh,
+        apply_fn=state.apply_fn,
+        mean=mean,
+        std=std,
+        train_source=train_source,
+        param_sharding=jax.tree.map(lambda x: x.sharding, state.params),
+    )
+
+
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -466,15 +396,7 @@ def evaluate_checkpoint(
     finally:
         ckpt.close()
     train_source = builder.as_data_source("train") if config.postprocess.enabled else None
-    evaluator = evaluate.Evaluator(
-        config,
-        mesh,
-        apply_fn=state.apply_fn,
-        mean=mean,
-        std=std,
-        train_source=train_source,
-        param_sharding=jax.tree.map(lambda x: x.sharding, state.params),
-    )
+    evaluator = _evaluator(config, mesh, state, mean=mean, std=std, train_source=train_source)
     summary = evaluator.run(state.params, builder.as_data_source(split))
     record = evaluate.results_record(
         summary,
@@ -560,15 +482,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     start = int(jax.device_get(state.step))
 
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    evaluator = evaluate.Evaluator(
-        config,
-        mesh,
-        apply_fn=state.apply_fn,
-        mean=mean,
-        std=std,
-        train_source=train_source,
-        param_sharding=shardings.params,
-    )
+    evaluator = _evaluator(config, mesh, state, mean=mean, std=std, train_source=train_source)
     writer = run_log.MetricWriter(workdir)
     writer.drop_after(start)
     progress = run_log.Progress(config.train_steps)
