@@ -119,6 +119,9 @@ def _write_bad_image(path: Path, case: str, write_dicom) -> str:
         values[10, 20] = np.nan
         Image.fromarray(values, mode="F").save(path)
         return "image holds non-finite values"
+    if case == "blank":
+        Image.fromarray(np.full((120, 80), 7, np.uint16)).save(path)
+        return "image is blank: every pixel has the value 7"
     if case == "dicom without pixels":
         write_dicom(path, np.zeros((64, 64)), with_pixels=False)
         return "DICOM has no pixel data"
@@ -145,6 +148,7 @@ BAD_IMAGES = {
     "bomb header": "bomb.png",
     "over the pixel limit": "huge.png",
     "non-finite float": "nan.tif",
+    "blank": "blank.tif",
     "dicom without pixels": "nopixels.dcm",
     "dicom truncated pixels": "cut.dcm",
     "dicom bomb header": "bomb.dcm",

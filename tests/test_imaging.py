@@ -95,7 +95,7 @@ def test_dicom_monochrome1_inverted_and_imager_spacing(tmp_path, write_dicom):
 
 def test_dicom_without_extension_is_detected(tmp_path, write_dicom):
     path = tmp_path / "noext"
-    write_dicom(path, np.full((40, 40), 5, np.uint16))
+    write_dicom(path, np.arange(1600, dtype=np.uint16).reshape(40, 40))
     assert imaging.is_dicom(path)
     assert imaging.read_radiograph(path).pixels.shape == (40, 40)
 
@@ -167,6 +167,15 @@ def test_to_model_input_shapes_and_values():
     up = imaging.to_model_input(ramp, 64)
     assert up.min() <= 5 and up.max() >= 250
     assert np.all(np.diff(up[0].astype(int)) >= 0)
+
+
+def test_window_uses_the_full_range_when_the_percentiles_coincide():
+    # A small object on a uniform background: > 99 % of the pixels are 0.
+    values = np.zeros((200, 200), np.float32)
+    values[100, 50:60] = np.linspace(10, 100, 10)
+    out = imaging.window(values)
+    assert out.min() == 0.0 and out.max() == 1.0
+    np.testing.assert_allclose(out[100, 50:60], np.linspace(0.1, 1.0, 10), rtol=1e-6)
 
 
 def test_to_model_input_averages_fine_stripes():

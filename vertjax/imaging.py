@@ -155,21 +155,32 @@ def to_model_input(pixels: np.ndarray, size: int = 264) -> np.ndarray:
 
 
 def window(values: np.ndarray) -> np.ndarray:
-    """Maps the 0.5th-99.5th percentile range of `values` to [0, 1], clipped."""
+    """Maps the 0.5th-99.5th percentile range of `values` to [0, 1], clipped.
+
+    When more than 99 % of the pixels share one value (a small object on a
+    uniform background) the percentiles coincide and the full range is used.
+
+    Raises:
+      ValueError: every pixel has the same value (a blank image).
+    """
     values = values.astype(np.float32, copy=False)
     lo, hi = np.percentile(values, WINDOW_PERCENTILES)
     if not hi > lo:
-        # A flat image carries no contrast; map it to mid-grey rather than NaN.
-        return np.full(values.shape, 0.5 if hi > 0 else 0.0, dtype=np.float32)
+        lo, hi = values.min(), values.max()
+    if not hi > lo:
+        raise ValueError(f"image is blank: every pixel has the value {float(lo):g}")
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 def _window_finite(path: str, values: np.ndarray) -> np.ndarray:
-    """`window`, refusing NaN or infinite values: their percentiles are NaN, and
-    the window would silently turn the whole image flat."""
+    """`window`, refusing NaN or infinite values (their percentiles are NaN and
+    would turn the whole image flat) and blank images, naming the file."""
     if not np.isfinite(values).all():
         raise ImageError(path, "image holds non-finite values (NaN or infinity)")
-    return window(values)
+    try:
+        return window(values)
+    except ValueError as e:
+        raise ImageError(path, str(e)) from None
 
 
 def _check_size(path: str, shape: tuple[int, ...]) -> None:

@@ -140,8 +140,6 @@ def _value_and_peak(
     count = np.prod(targets.shape[1:])
     error = targets - predictions
     squares = error * error
-    if name == "mse":
-        return jnp.sum(squares, axis=(1, 2, 3)) / count, None
     zero = np.float32(0.0)
     based = base[:, None, None, :] * squares
     if name == "l3":
@@ -156,7 +154,11 @@ def _value_and_peak(
     cold_sum, hot_sum = jax.lax.reduce(
         (jnp.where(hot, zero, based), jnp.where(hot, squares, zero)), (zero, zero), _sum_pair, (3,)
     )
-    return jnp.sum(cold_sum + HOT_WEIGHT * hot_sum, axis=(1, 2)) / count, None
+    # mse takes this path too, with weight 1 everywhere: its plain one-output
+    # sum would go to YNNPACK, whose reduction is slower here (1.8 vs 1.6 ms
+    # for the value pass at B = 8).
+    hot_weight = 1.0 if name == "mse" else HOT_WEIGHT
+    return jnp.sum(cold_sum + hot_weight * hot_sum, axis=(1, 2)) / count, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

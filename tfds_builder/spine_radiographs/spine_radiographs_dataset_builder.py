@@ -107,11 +107,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._pool = None
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
+        info = self.dataset_info_from_configs(
             features=self._features(),
             supervised_keys=None,
             metadata=tfds.core.MetadataDict(),
         )
+        # These records are never on the TFDS bucket; TFDS's lookup there
+        # leaves an empty temporary directory behind for every unbuilt dataset.
+        info.initialize_from_bucket = lambda: None
+        return info
 
     def _features(self) -> tfds.features.FeaturesDict:
         size = self.builder_config.image_size
