@@ -191,3 +191,10 @@ def test_dicom_pixel_limit_checked_before_decoding(tmp_path, write_dicom, monkey
     monkeypatch.setattr(imaging, "MAX_PIXELS", 5000)
     with pytest.raises(imaging.ImageError, match="big.dcm: image of 80 x 80 pixels exceeds"):
         imaging.read_radiograph(path)
+
+
+def test_write_dicom_refuses_values_its_bits_cannot_hold(tmp_path):
+    for values in (np.full((40, 40), 4096), np.full((40, 40), -1)):
+        with pytest.raises(ValueError, match=r"must lie in \[0, 4095\]"):
+            imaging.write_dicom(tmp_path / "x.dcm", values, bits_stored=12)
+    assert not (tmp_path / "x.dcm").exists()

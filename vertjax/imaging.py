@@ -324,8 +324,10 @@ def write_dicom(
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     pixels = np.asarray(pixels)
-    if not 1 <= bits_stored <= 16 or (pixels.size and int(pixels.max()) >= 2**bits_stored):
-        raise ValueError(f"{path}: pixel values need {bits_stored} bits or fewer")
+    if not 1 <= bits_stored <= 16:
+        raise ValueError(f"{path}: bits_stored={bits_stored} must be 1 to 16")
+    if pixels.size and not 0 <= pixels.min() <= pixels.max() < 2**bits_stored:
+        raise ValueError(f"{path}: pixel values must lie in [0, {2**bits_stored - 1}]")
     pixels = pixels.astype(np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage

@@ -19,11 +19,12 @@ a mirrored border would show the network mirrored vertebrae to count.
 
 Speed (XLA:CPU; figures in benchmarks/RESULTS.md): four layers are written
 out rather than taken from flax/jax. They compute the same function with
-cheaper HLO and keep flax's parameter names and shapes. `GroupNorm` takes its statistics from per-channel sums over
-(H, W), a reduction that keeps the channel axis minor, instead of reducing
-a [B, H, W, G, C/G] view. `max_pool_2x2` is a reshape + max whose gradient
-goes to the first maximum of each window, as `nn.max_pool`'s does, without
-the four int32 index arrays that XLA's reduce-window gradient builds.
+cheaper HLO and keep flax's parameter names and shapes. `GroupNorm` takes
+its statistics from per-channel sums over (H, W), a reduction that keeps
+the channel axis minor, instead of reducing a [B, H, W, G, C/G] view.
+`max_pool_2x2` is a reshape + max whose gradient goes to the first maximum
+of each window, as `nn.max_pool`'s does, without the four int32 index
+arrays that XLA's reduce-window gradient builds.
 `upsample_2x` repeats pixels with a broadcast and sums 2x2 blocks in its
 gradient, where `jax.image.resize(method='nearest')` uses a gather and a
 scatter-add. `ConvTranspose2x2` is a matrix product and a pixel shuffle,

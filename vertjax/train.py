@@ -1,10 +1,11 @@
 """Training: the jit train step and the training loop.
 
 One `jax.jit` step augments the batch on device (`vertjax.augment`),
-renders the Gaussian targets from the batch centroids, runs the U-Net, applies the configured loss (`losses.get`) and an
-optax Adam update with warm-up and decay. Everything runs on a
-`jax.sharding.Mesh` with one 'data' axis: the batch is split along it,
-parameters and optimiser state are replicated. The loop validates every
+renders the Gaussian targets from the batch centroids, runs the U-Net,
+applies the configured loss (`losses.get`) and an optax Adam update with
+warm-up and decay. Everything runs on a `jax.sharding.Mesh` with one 'data'
+axis: the batch is split along it, parameters and optimiser state are
+replicated. The loop validates every
 `eval_every` steps, checkpoints state + data position + config with orbax,
 logs to TensorBoard and `metrics.jsonl`, and resumes from the workdir.
 
