@@ -66,13 +66,13 @@ def random_model(config_path: str) -> Any:
     import jax
     import jax.numpy as jnp
 
-    from vertjax import predict, train
+    from vertjax import models, predict
 
     spec = importlib.util.spec_from_file_location("bench_config", config_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    net = train.make_model(config)
+    net = models.from_config(config)
     s = config.image_size
     # Shapes from the model, values drawn here: an eager `init` of the U-Net
     # takes tens of seconds on a small CPU and timings do not depend on them.

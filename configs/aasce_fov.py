@@ -2,14 +2,22 @@
 
 Each AASCE radiograph yields an upper and a lower crop that overlap by 2 to 4
 vertebrae, each of T4..L4 labelled on only one of the two (the
-`spine_radiographs/aasce_fov` TFDS config). The loss defaults to l3; pick
-another with `--config.loss`, e.g. `--config.loss=l2`. The images are read
-from `--config.dataset.manual_dir`, by default `../shared/data/aasce` beside
-the repository (the layout of its README).
+`spine_radiographs/aasce_fov` TFDS config). Training sees six such pairs per
+image, three with the paper's edges and three with wide ones (tops up to the
+image top, bottoms down to the image bottom), so that names cannot be read
+off where a film starts or ends; `validation` keeps the paper's edges and
+`validation_wide` checks the wide ones. The images are read from
+`--config.dataset.manual_dir`, by default `../shared/data/aasce` beside the
+repository (the layout of its README).
+
+The recipe adds to the default: on-device augmentation with left-right
+mirroring, an exponential moving average of the parameters (what is
+validated and shipped), the anatomical-order post-processing and test-time
+mirror averaging. The loss is l2, the paper's best at naming; pick another
+with `--config.loss`.
 
 Command:
-  python -m vertjax.main --config=configs/aasce_fov.py --config.loss=l2 \
-      --workdir=runs/aasce_fov_l2
+  python -m vertjax.main --config=configs/aasce_fov.py --workdir=runs/aasce_fov
 """
 
 import ml_collections
@@ -22,6 +30,15 @@ def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.name = "aasce_fov"
     config.dataset.name = "aasce_fov"
+    config.loss = "l2"
+    config.train_steps = 6000
+    config.eval_every = 500
+    config.checkpoint_every = 250
+    config.augment.enabled = True
+    config.augment.flip = True
+    config.ema_decay = 0.999
+    config.postprocess.enabled = True
+    config.test_time_flip = True
     # Without the official AASCE test part (data/test) the dataset has only
     # train and validation: report the last checkpoint on validation, so the
     # figure is not the one used to pick a checkpoint.

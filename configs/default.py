@@ -81,6 +81,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 250
     config.keep_checkpoints = 2  # the latest N, plus the best by validation ID accuracy
     config.seed = 0
+    # Start from trained weights instead of random ones: a shipped model's
+    # name (vertjax.shipped.names()) or a training run's folder ('' = off).
+    # The network must have the same shape; optimiser and schedule start anew.
+    config.init_from = ""
+    # Exponential moving average of the parameters (0 = off). When on, the
+    # average is what validation, evaluation and prediction use.
+    config.ema_decay = 0.0
 
     # On-device augmentation: image and centroids move together.
     config.augment = ml_collections.ConfigDict()
@@ -91,9 +98,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.contrast = 0.1  # intensity gain uniform in [1 - c, 1 + c]
     config.augment.brightness = 0.1  # offset in normalised units, uniform in [-b, b]
     config.augment.gamma = 0.2  # log-uniform gamma in [1/(1+g), 1+g]
+    config.augment.flip = False  # left-right mirror with probability 1/2
 
     # Evaluation.
     config.presence_threshold = 0.5  # a layer is "present" when its peak reaches this
+    # Average the heatmaps of the image and of its left-right mirror (mirrored back).
+    config.test_time_flip = False
     # Spacing (original px) for images with no two neighbouring labelled
     # vertebrae; 0 leaves their vertebrae out of the identification metrics.
     config.fallback_spacing_px = 0.0

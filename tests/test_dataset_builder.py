@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,21 +68,39 @@ def _check_participants(by_split: dict[str, list[dict]], *, once_per=None) -> No
     most once per group (a participant's film pair).
     """
     owner: dict[str, str] = {}
-    counts: dict[str, np.ndarray] = {}
+    counts: dict[tuple[str, str], np.ndarray] = {}
     for split, recs in by_split.items():
+        # validation_wide cuts the validation images again.
+        group = "validation" if split == sr.WIDE_VALIDATION else split
         for r in recs:
             pid = _text(r["participant_id"])
-            assert owner.setdefault(pid, split) == split, pid
+            assert owner.setdefault(pid, group) == group, pid
             assert np.all(np.asarray(r["truth_visible"]) >= np.asarray(r["labeled"]))
             if once_per is not None:
-                key = once_per(r)
+                key = (split, once_per(r))
                 counts[key] = counts.get(key, 0) + np.asarray(r["labeled"], int)
     assert all(c.max() <= 1 for c in counts.values())
 
 
 def _source_image(record: dict) -> str:
-    """aasce_fov: the image a crop was cut from ('<image id>-upper' -> '<image id>')."""
-    return _text(record["image_id"]).rsplit("-", 1)[0]
+    """aasce_fov: the image and draw a crop pair was cut from.
+
+    '<image id>-upper' -> '<image id>-0', '<image id>-lower-3' -> '<image id>-3'.
+    """
+    image, view, draw = re.fullmatch(
+        r"(.*)-(upper|lower)(?:-(\d+))?", _text(record["image_id"])
+    ).groups()
+    return f"{image}-{draw or 0}"
+
+
+def _fov_counts(builder) -> dict[str, int]:
+    """Records per split that aasce_fov must make from its images."""
+    images = {
+        split: len({_source_image(r).rsplit("-", 1)[0] for r in recs})
+        for split, recs in _records(builder).items()
+    }
+    draws = builder.builder_config.train_draws
+    return {split: n * 2 * (draws if split == "train" else 1) for split, n in images.items()}
 
 
 def _leftovers(data_dir: Path, config: str) -> list[str]:
@@ -217,6 +236,27 @@ def test_fov_crops_follow_the_protocol():
     other = fov.split_fov(centroids, width=300, height=1200, seed=4, image_id="im0")
     assert again[0].box == first[0].box and again[1].box == first[1].box
     assert (other[0].box, other[1].box) != (first[0].box, first[1].box)
+
+
+def test_wide_fov_crops_reach_the_image_edges_and_keep_the_labels():
+    centroids = np.stack([150 + 5 * np.sin(np.arange(17)), 300 + 50.0 * np.arange(17)], axis=1)
+    t3_y, l5_y = centroids[2, 1], centroids[16, 1]
+    tops, bottoms, paper_tops = [], [], []
+    for i in range(80):
+        kwargs = dict(width=300, height=1600, seed=3, image_id=f"im{i}")
+        upper, lower = fov.split_fov(centroids, draw=1, wide=True, **kwargs)
+        assert np.array_equal(upper.labeled ^ lower.labeled, np.ones(K, bool))
+        assert upper.truth_visible[0] and lower.truth_visible[-1]
+        tops.append(upper.box[1])
+        bottoms.append(lower.box[3])
+        paper_tops.append(fov.split_fov(centroids, **kwargs)[0].box[1])
+        assert 0 <= upper.box[1] <= t3_y and l5_y < lower.box[3] <= 1600
+        different = fov.split_fov(centroids, draw=2, wide=True, **kwargs)
+        assert different[0].box != upper.box or different[1].box != lower.box
+    # The paper's tops start at most one spacing above T1; the wide ones anywhere.
+    assert min(paper_tops) >= centroids[0, 1] - 50 - 1
+    assert min(tops) < 0.2 * centroids[0, 1] and max(tops) > centroids[0, 1]
+    assert max(bottoms) > 1600 - 0.2 * (1600 - l5_y)
 
 
 # --- folder source --------------------------------------------------------------------------
@@ -538,17 +578,20 @@ def test_aasce_build_on_dummy_data(tmp_path, config):
     by_split = _records(builder)
     assert "test" not in by_split  # no data/test in the manual dir
     flat = [r for recs in by_split.values() for r in recs]
-    assert len(flat) == (4 if config == "aasce" else 8)
     for r in flat:
         _check_schema(r)
     # A patient may have several films; the protocol pairs crops of one film.
     _check_participants(by_split, once_per=None if config == "aasce" else _source_image)
     if config == "aasce":
+        assert len(flat) == 4
         assert all(r["labeled"].all() for r in flat)
-    else:
-        views = sorted(_text(r["image_id"]).rsplit("-", 1)[1] for r in flat)
-        assert views == ["lower"] * 4 + ["upper"] * 4
-        assert any((r["truth_visible"] & ~r["labeled"]).any() for r in flat)
+        return
+    assert {s: len(r) for s, r in by_split.items()} == _fov_counts(builder)
+    assert sorted(by_split) in (["train", "validation", "validation_wide"], ["train"])
+    for split, recs in by_split.items():
+        views = [re.search(r"-(upper|lower)", _text(r["image_id"])).group(1) for r in recs]
+        assert views.count("upper") == views.count("lower") == len(recs) // 2, split
+    assert any((r["truth_visible"] & ~r["labeled"]).any() for r in flat)
 
 
 def test_aasce_official_test_part_becomes_test_split(tmp_path):
@@ -632,7 +675,8 @@ def test_aasce_reader_on_real_files(tmp_path):
         "aasce_fov", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "aasce")
     )
     by_split = _records(builder)
-    assert sum(len(v) for v in by_split.values()) == 12
+    assert {s: len(r) for s, r in by_split.items()} == _fov_counts(builder)
+    assert sum(len(v) for v in by_split.values()) >= 6 * 4
     _check_participants(by_split, once_per=_source_image)
     for recs in by_split.values():
         for r in recs:

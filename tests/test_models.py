@@ -184,3 +184,19 @@ def test_transposed_up_sampling_keeps_the_parameter_names():
     params = fast_jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)))["params"]
     assert {"ConvTranspose_0", "ConvTranspose_1"} <= set(params)
     assert params["ConvTranspose_0"]["kernel"].shape == (2, 2, 16, 8)
+
+
+def test_heatmaps_of_averages_with_the_mirrored_image_mirrored_back():
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32)
+
+    def apply(variables, x):  # a position-dependent "network": mirroring changes it
+        return jnp.concatenate([x, x * variables["ramp"]], axis=-1)
+
+    variables = {"ramp": jnp.arange(8.0)[None, None, :, None]}
+    plain = models.heatmaps_of(apply, variables, images, flip=False)
+    both = models.heatmaps_of(apply, variables, images, flip=True)
+    np.testing.assert_allclose(both[..., 0], images[..., 0], rtol=1e-6)  # mirror-symmetric part
+    expected = 0.5 * (images[..., 0] * jnp.arange(8.0) + images[..., 0] * jnp.arange(8.0)[::-1])
+    np.testing.assert_allclose(both[..., 1], expected, rtol=1e-5)
+    assert not np.allclose(plain[..., 1], both[..., 1])

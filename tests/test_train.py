@@ -222,3 +222,102 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path, monkeypatch, 
     ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
     assert ckpt.all_steps() == []
     ckpt.close()
+
+
+def test_augment_flip_mirrors_image_and_centroids_together():
+    image = np.zeros((1, S, S, 1), np.float32)
+    image[0, 7:10, 4:7, 0] = 1.0  # a spot centred at (5.5, 8.5)
+    points = np.zeros((1, 13, 2), np.float32)
+    points[0, 0] = (5.5, 8.5)
+    mirrored = []
+    for seed in range(12):
+        out, moved, labeled = augment.augment(
+            jax.random.key(seed),
+            jnp.asarray(image),
+            jnp.asarray(points),
+            jnp.ones((1, 13), bool),
+            augment.Augment(flip=True),
+        )
+        flipped = bool(np.asarray(moved[0, 0, 0]) > S / 2)
+        mirrored.append(flipped)
+        expected_image = image[:, :, ::-1] if flipped else image
+        expected_point = (S - 5.5, 8.5) if flipped else (5.5, 8.5)
+        np.testing.assert_allclose(np.asarray(out), expected_image, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(moved[0, 0]), expected_point, atol=1e-4)
+        assert bool(labeled[0, 0])
+    assert any(mirrored) and not all(mirrored)
+
+
+def test_augment_without_flip_keeps_its_random_stream():
+    """Turning the mirror off draws exactly the numbers it drew before the mirror existed."""
+    aug = augment.Augment(rotate_degrees=10.0, shift=0.1)
+    points = jnp.full((1, 13, 2), S / 2.0)
+    _, moved, _ = augment.augment(
+        jax.random.key(4), jnp.zeros((1, S, S, 1)), points, jnp.ones((1, 13), bool), aug
+    )
+    u = jax.random.uniform(jax.random.split(jax.random.key(4), 1)[0], (7,), minval=-1.0, maxval=1.0)
+    np.testing.assert_allclose(
+        np.asarray(moved[0, 0]), S / 2.0 + np.asarray(u[2:4]) * 0.1 * S, atol=1e-4
+    )
+
+
+def test_train_step_keeps_a_moving_average_of_the_parameters():
+    model = _Tiny()
+    params = model.init(jax.random.key(0), jnp.zeros((1, S, S, 1)))["params"]
+    state = train.EmaTrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=optax.adam(1e-2),
+        ema_params=jax.tree.map(jnp.copy, params),
+    ).replace(step=jnp.zeros((), jnp.int32))
+    step = jax.jit(functools.partial(_step(), ema_decay=0.9))
+    batch, rng = jax.tree.map(jnp.asarray, _batch()), jax.random.key(0)
+    first, _ = step(state, batch, rng)
+    # Step 0 averages with weight min(0.9, 1/10) on the old average.
+    expected = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, params, first.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), first.ema_params, expected
+    )
+    later = first
+    for _ in range(30):
+        later, _ = step(later, batch, rng)
+    assert train.inference_params(later) is later.ema_params
+    gap = jax.tree.leaves(
+        jax.tree.map(lambda e, p: float(jnp.abs(e - p).max()), later.ema_params, later.params)
+    )
+    assert max(gap) > 0  # the average lags the parameters
+    plain = train.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
+    assert train.inference_params(plain) is plain.params
+
+
+def test_warm_start_takes_trained_weights_and_refuses_another_network(tmp_path):
+    from vertjax import shipped
+
+    config = test_config.get_config()
+    shapes = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes.params)
+    folder = shipped.write(
+        tmp_path / "mine",
+        config=config,
+        params=params,
+        pixel_mean=100.0,
+        pixel_std=50.0,
+        prior=None,
+        step=6,
+    )
+    config.ema_decay = 0.99
+    state = train.create_train_state(config, train.init_key(1))
+    warm = train.warm_start(state, str(folder))
+    jax.tree.map(np.testing.assert_array_equal, warm.params, params)
+    jax.tree.map(np.testing.assert_array_equal, warm.ema_params, params)
+    config.ema_decay = 0.0
+    plain = train.warm_start(train.create_train_state(config, train.init_key(1)), str(folder))
+    jax.tree.map(np.testing.assert_array_equal, plain.params, params)
+    wider = test_config.get_config()
+    wider.model.features = 8
+    other = train.create_train_state(wider, train.init_key(1))
+    with pytest.raises(ValueError, match=r"config.init_from=.*mine: parameter .* but .*configured"):
+        train.warm_start(other, str(folder))
+    with pytest.raises(ValueError, match="neither a shipped model"):
+        train.warm_start(state, str(tmp_path / "nothing"))

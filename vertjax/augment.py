@@ -1,6 +1,7 @@
 """On-device augmentation of a training batch: similarity transform and intensity.
 
-Each example gets its own random rotation, zoom and shift (the image is
+Each example gets its own random rotation, zoom, shift and, optionally, a
+left-right mirror with probability 1/2 (the image is
 resampled bilinearly through the inverse map, the centroids moved by the
 forward map; a centroid moved out of the image is no longer labelled) and
 its own gamma, contrast and brightness change. It runs inside the jitted
@@ -28,6 +29,7 @@ class Augment:
     contrast: float = 0.0
     brightness: float = 0.0
     gamma: float = 0.0
+    flip: bool = False
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> Augment | None:
@@ -41,6 +43,7 @@ class Augment:
             contrast=float(a.contrast),
             brightness=float(a.brightness),
             gamma=float(a.gamma),
+            flip=bool(a.get("flip", False)),
         )
 
 
@@ -51,20 +54,24 @@ def _augment_one(
     size = image.shape[0]
     # One draw for all seven factors: each separate threefry call costs XLA
     # seconds of compile time on CPU.
-    u = jax.random.uniform(rng, (7,), minval=-1.0, maxval=1.0)
+    # Without the mirror the stream stays that of the seven factors.
+    u = jax.random.uniform(rng, (8 if aug.flip else 7,), minval=-1.0, maxval=1.0)
     angle = jnp.deg2rad(u[0] * aug.rotate_degrees)
     zoom = 1.0 + u[1] * aug.scale
     shift = u[2:4] * aug.shift * size
     cos, sin = jnp.cos(angle), jnp.sin(angle)
-    rotation = jnp.array([[cos, -sin], [sin, cos]])
+    linear = jnp.array([[cos, -sin], [sin, cos]])  # M = R, or R F with F a mirror in x
+    if aug.flip:
+        linear = linear * jnp.array([jnp.where(u[7] < 0, -1.0, 1.0), 1.0])
     centre = jnp.array([size / 2.0, size / 2.0])
 
-    # Forward map of points: p' = zoom * R (p - c) + c + shift. Pixels are
-    # resampled through the inverse map at each output pixel centre.
-    moved = (points - centre) @ rotation.T * zoom + centre + shift
+    # Forward map of points: p' = zoom * M (p - c) + c + shift. Pixels are
+    # resampled through the inverse map at each output pixel centre (M is
+    # orthogonal, so its inverse is its transpose).
+    moved = (points - centre) @ linear.T * zoom + centre + shift
     coords = jnp.arange(size, dtype=jnp.float32) + 0.5
     grid = jnp.stack(jnp.meshgrid(coords, coords, indexing="xy"), axis=-1)  # [S, S, (x, y)]
-    source = (grid - centre - shift) @ rotation / zoom + centre
+    source = (grid - centre - shift) @ linear / zoom + centre
     # Outside the source image reads as its darkest value: sample the image
     # minus its minimum with zero padding (map_coordinates' cval is static).
     fill = jnp.min(image)

@@ -20,11 +20,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vertjax import heatmaps, input_pipeline, metrics, postprocess
+from vertjax import heatmaps, input_pipeline, metrics, models, postprocess
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -42,6 +41,7 @@ def eval_step(
     min_confidence: float,
     use_postprocess: bool,
     fallback_spacing_px: float | None,
+    flip: bool = False,
 ) -> dict[str, jax.Array]:
     """Metric sums and counts for one batch.
 
@@ -52,12 +52,15 @@ def eval_step(
         pixel_spacing_mm [B], mask [B].
       prior: `postprocess.fit_prior` output, or None without post-processing.
       apply_fn, image_size, threshold, top_m, min_confidence, use_postprocess,
-        fallback_spacing_px: plain values bound with functools.partial.
+        fallback_spacing_px, flip: plain values bound with functools.partial
+        (flip: test-time mirror averaging, `models.heatmaps_of`).
 
     Returns:
       `metrics.batch_sums` of the batch (arrays of sums and counts).
     """
-    predicted = apply_fn({"params": params}, batch["image"], train=False).astype(jnp.float32)
+    predicted = models.heatmaps_of(
+        functools.partial(apply_fn, train=False), {"params": params}, batch["image"], flip=flip
+    )
     if use_postprocess:
         points, confidence = postprocess.apply(
             predicted, prior, top_m=top_m, min_confidence=min_confidence
@@ -98,7 +101,8 @@ class Evaluator:
       apply_fn: the model's apply function.
       mean, std: the training split's pixel statistics.
       train_source: records to fit the post-processing prior on (needed only
-        when config.postprocess.enabled).
+        when config.postprocess.enabled and no `prior` is given).
+      prior: a fitted post-processing prior (e.g. a shipped model's).
       param_sharding: the parameters' shardings (a tree like the params, or
         one sharding for all); default replicated over `mesh`.
     """
@@ -113,6 +117,7 @@ class Evaluator:
         std: float,
         train_source: Sequence[Any] | None = None,
         param_sharding: Any = None,
+        prior: postprocess.SpacingPrior | None = None,
     ):
         self.mesh = mesh
         self.batch_size = int(config.eval_batch_size)
@@ -121,7 +126,9 @@ class Evaluator:
         self.read_threads = int(config.read_threads)
         use_postprocess = bool(config.postprocess.enabled)
         self.prior = None
-        if use_postprocess:
+        if use_postprocess and prior is not None:
+            self.prior = prior
+        elif use_postprocess:
             if train_source is None:
                 raise ValueError(
                     "config.postprocess.enabled needs the training split for its prior"
@@ -136,6 +143,7 @@ class Evaluator:
             min_confidence=float(config.postprocess.min_confidence),
             use_postprocess=use_postprocess,
             fallback_spacing_px=float(config.fallback_spacing_px) or None,
+            flip=bool(config.get("test_time_flip", False)),
         )
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

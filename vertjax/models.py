@@ -33,6 +33,7 @@ where `nn.ConvTranspose` convolves a zero-dilated input.
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -333,3 +334,42 @@ class UNet(nn.Module):
 def tiny(**overrides) -> UNet:
     """A small U-Net for tests (4 base features, 2 poolings)."""
     return UNet(**{"features": 4, "depth": 2, **overrides})
+
+
+def heatmaps_of(
+    apply: Callable[[Any, jax.Array], jax.Array], variables: Any, images: jax.Array, *, flip: bool
+) -> jax.Array:
+    """float32 heatmaps [B, S, S, K] of `images` [B, S, S, 1] through `apply(variables, x)`.
+
+    With `flip`, the mean of the image's heatmaps and of its left-right
+    mirror's heatmaps mirrored back (test-time augmentation): a mirrored
+    spine is still a spine with the same names, top to bottom.
+    """
+    out = apply(variables, images).astype(jnp.float32)
+    if flip:
+        mirrored = apply(variables, images[:, :, ::-1]).astype(jnp.float32)
+        out = 0.5 * (out + mirrored[:, :, ::-1])
+    return out
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def from_config(config: Any) -> UNet:
+    """The U-Net that `config.model` describes (a run config, ConfigDict or dict)."""
+    m = config["model"]
+    if m["dtype"] not in DTYPES:
+        raise ValueError(f"config.model.dtype={m['dtype']!r}: expected one of {sorted(DTYPES)}")
+    return UNet(
+        features=m["features"],
+        depth=m["depth"],
+        norm=m["norm"],
+        upsample=m["upsample"],
+        output_bias_init=m["output_bias_init"],
+        zero_init_output=m["zero_init_output"],
+        dtype=DTYPES[m["dtype"]],
+        max_features=m["max_features"] or None,
+        activation=m["activation"],
+        bottleneck_dilations=tuple(m["bottleneck_dilations"]),
+        global_context=m["global_context"],
+    )

@@ -1,8 +1,9 @@
 """Run a trained model on new radiographs: named centroids as JSON, CSV and overlays.
 
 Command:
-  python -m vertjax.predict --workdir=RUN [--checkpoint=best|latest|STEP] \
-      --out=DIR [--batch_size=8] INPUT...
+  python -m vertjax.predict --out=DIR [--batch_size=8] INPUT...         # the shipped model
+  python -m vertjax.predict --model=NAME_OR_FOLDER --out=DIR INPUT...   # another shipped model
+  python -m vertjax.predict --workdir=RUN [--checkpoint=best|latest|STEP] --out=DIR INPUT...
 
 INPUT is any mix of files and folders (searched recursively) of PNG, JPEG,
 TIFF or DICOM radiographs of any size and aspect. For each readable image
@@ -51,7 +52,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from vertjax import checkpoints, heatmaps, imaging, overlay, vertebrae
+from vertjax import checkpoints, heatmaps, imaging, models, overlay, postprocess, shipped, vertebrae
 
 CSV_FILE = "predictions.csv"
 CSV_COLUMNS = (
@@ -88,7 +89,10 @@ class Model:
       locate: heatmaps [B, S, S, K] -> (points [B, K, 2] model px,
         confidence [B, K]); the plain decoder or the configured post-processing.
       step: the training step of the checkpoint (for the record).
-      config: the run's config, where the model came from a run.
+      config: the run's config.
+      flip: average with the mirrored image's heatmaps (`models.heatmaps_of`).
+      source: where the model came from: 'model NAME' or the workdir.
+      prior: the post-processing spacing prior, where post-processing is on.
     """
 
     apply: Callable[[Any, jax.Array], jax.Array]
@@ -100,13 +104,16 @@ class Model:
     locate: Callable[[jax.Array], tuple[jax.Array, jax.Array]] = heatmaps.decode
     step: int | None = None
     config: ml_collections.ConfigDict | None = None
+    flip: bool = False
+    source: str = ""
+    prior: Any = None
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "locate", "mean", "std"))
-def _infer(variables, images, *, apply, locate, mean, std):
+@functools.partial(jax.jit, static_argnames=("apply", "locate", "mean", "std", "flip"))
+def _infer(variables, images, *, apply, locate, mean, std, flip):
     # The same normalisation as training (input_pipeline.Preprocess).
     x = (images.astype(jnp.float32)[..., None] - mean) / std
-    return locate(apply(variables, x))
+    return locate(models.heatmaps_of(apply, variables, x, flip=flip))
 
 
 def make_infer(model: Model) -> Callable[[np.ndarray], tuple[jax.Array, jax.Array]]:
@@ -124,6 +131,7 @@ def make_infer(model: Model) -> Callable[[np.ndarray], tuple[jax.Array, jax.Arra
         "locate": model.locate,
         "mean": model.pixel_mean,
         "std": model.pixel_std,
+        "flip": model.flip,
     }
     return lambda images: _infer(variables, images, **static)
 
@@ -163,20 +171,57 @@ def load_model(workdir: str | os.PathLike, checkpoint: str | int = "best") -> Mo
     finally:
         ckpt.close()
     mean, std, prior = _statistics(config, meta)
+    logging.info("%s: checkpoint %d (%s)", workdir, step, checkpoint)
+    return _model(
+        config,
+        train.inference_params(state),
+        mean=mean,
+        std=std,
+        prior=prior,
+        step=step,
+        source=str(workdir),
+    )
+
+
+def load_shipped(name: str | os.PathLike = shipped.DEFAULT_MODEL) -> Model:
+    """A shipped model (`vertjax.shipped.names()`, or a model folder), ready for `make_infer`.
+
+    Raises:
+      shipped.ShippedModelError (a ValueError): unknown, damaged or mismatched.
+    """
+    found = shipped.load(name)
+    return _model(
+        found.config,
+        found.params,
+        mean=found.pixel_mean,
+        std=found.pixel_std,
+        prior=found.prior,
+        step=found.info.get("step"),
+        source=f"model {found.name}",
+    )
+
+
+def _model(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    *,
+    mean: float,
+    std: float,
+    prior: Any,
+    step: int | None,
+    source: str,
+) -> Model:
     locate = heatmaps.decode
     if config.postprocess.enabled:
-        from vertjax import postprocess
-
         locate = functools.partial(
             postprocess.apply,
             prior=prior,
             top_m=int(config.postprocess.top_m),
             min_confidence=float(config.postprocess.min_confidence),
         )
-    logging.info("%s: checkpoint %d (%s)", workdir, step, checkpoint)
     return Model(
-        apply=functools.partial(train.make_model(config).apply, train=False),
-        variables={"params": state.params},
+        apply=functools.partial(models.from_config(config).apply, train=False),
+        variables={"params": params},
         image_size=int(config.image_size),
         pixel_mean=mean,
         pixel_std=std,
@@ -184,6 +229,9 @@ def load_model(workdir: str | os.PathLike, checkpoint: str | int = "best") -> Mo
         locate=locate,
         step=step,
         config=config,
+        flip=bool(config.get("test_time_flip", False)),
+        source=source,
+        prior=prior,
     )
 
 
@@ -570,8 +618,16 @@ def define_flags() -> None:
     Called only when the module runs as a program, so that importing it as a
     library beside another command-line module cannot clash on flag names.
     """
-    flags.DEFINE_string("workdir", None, "Training run folder (holds checkpoints/).", required=True)
-    flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+    flags.DEFINE_string(
+        "workdir", None, "Your own training run's folder (holds checkpoints/); else --model."
+    )
+    flags.DEFINE_string("checkpoint", "best", "With --workdir: 'best', 'latest' or a step number.")
+    flags.DEFINE_string(
+        "model",
+        None,
+        f"A shipped model ({', '.join(shipped.names()) or 'none'}) or a model folder; "
+        f"the default without --workdir is {shipped.DEFAULT_MODEL}.",
+    )
     flags.DEFINE_string("out", None, "Output folder.", required=True)
     flags.DEFINE_integer(
         "batch_size", 8, "Images per network call (one compilation).", lower_bound=1
@@ -594,8 +650,14 @@ def main(argv: Sequence[str]) -> int:
     if not files:
         print(f"vertjax.predict: no radiographs found in {' '.join(argv[1:])}", file=sys.stderr)
         return 1
+    if FLAGS.workdir and FLAGS.model:
+        print("vertjax.predict: give --workdir or --model, not both", file=sys.stderr)
+        return 1
     try:
-        model = load_model(FLAGS.workdir, FLAGS.checkpoint)
+        if FLAGS.workdir:
+            model = load_model(FLAGS.workdir, FLAGS.checkpoint)
+        else:
+            model = load_shipped(FLAGS.model or shipped.DEFAULT_MODEL)
     except ValueError as e:
         print(f"vertjax.predict: {e}", file=sys.stderr)
         return 1
@@ -604,7 +666,7 @@ def main(argv: Sequence[str]) -> int:
     )
     print(
         f"vertjax.predict: {len(outcome.written)} of {len(files)} image(s) written to "
-        f"{FLAGS.out} (checkpoint step {model.step}); {len(outcome.failures)} failed",
+        f"{FLAGS.out} ({model.source}, step {model.step}); {len(outcome.failures)} failed",
         file=sys.stderr,
     )
     return 1 if outcome.failures else 0

@@ -41,11 +41,29 @@ from vertjax import (
     models,
     run_log,
     sharding,
+    shipped,
 )
 
 TrainState = train_state.TrainState
+
+
+class EmaTrainState(train_state.TrainState):
+    """flax's TrainState plus a moving average of the parameters (config.ema_decay > 0).
+
+    A separate class rather than an optional field: runs without the average
+    keep flax's TrainState, and so the checkpoint layout they always had.
+    """
+
+    ema_params: Any = None
+
+
+def inference_params(state: TrainState) -> Any:
+    """The parameters to validate and predict with: the moving average when kept."""
+    ema = getattr(state, "ema_params", None)
+    return state.params if ema is None else ema
+
+
 DATA_AXIS = sharding.DATA_AXIS
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,26 +89,6 @@ def state_sharding(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, s
         mesh,
         rule=m.get("param_sharding", "replicated"),
         min_size=int(m.get("fsdp_min_size", 2**14)),
-    )
-
-
-def make_model(config: ml_collections.ConfigDict) -> models.UNet:
-    """The U-Net that `config.model` describes."""
-    m = config.model
-    if m.dtype not in _DTYPES:
-        raise ValueError(f"config.model.dtype={m.dtype!r}: expected one of {sorted(_DTYPES)}")
-    return models.UNet(
-        features=m.features,
-        depth=m.depth,
-        norm=m.norm,
-        upsample=m.upsample,
-        output_bias_init=m.output_bias_init,
-        zero_init_output=m.zero_init_output,
-        dtype=_DTYPES[m.dtype],
-        max_features=m.max_features or None,
-        activation=m.activation,
-        bottleneck_dilations=tuple(m.bottleneck_dilations),
-        global_context=m.global_context,
     )
 
 
@@ -152,7 +150,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.M
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
     """A fresh TrainState (params from `rng`, step 0) on the default device."""
-    model = make_model(config)
+    model = models.from_config(config)
     s = config.image_size
     init = jax.jit(functools.partial(model.init, train=False))
     variables = init(rng, jnp.zeros((1, s, s, 1), jnp.float32))
@@ -161,12 +159,62 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
             f"the model has mutable collections {sorted(set(variables) - {'params'})}; "
             "TrainState here carries params only"
         )
-    state = TrainState.create(
-        apply_fn=model.apply, params=variables["params"], tx=make_optimizer(config)
-    )
+    params, tx = variables["params"], make_optimizer(config)
+    if config.get("ema_decay", 0.0) > 0:
+        # A copy, not the same buffers: the train step donates the whole state.
+        state = EmaTrainState.create(
+            apply_fn=model.apply, params=params, tx=tx, ema_params=jax.tree.map(jnp.copy, params)
+        )
+    else:
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     # A strongly typed int32 step: the first call then has the same signature
     # as all later ones, so the jitted step compiles once.
     return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def initial_params(source: str) -> Any:
+    """Trained parameters to start from: a shipped model's, or a run's latest checkpoint's.
+
+    Args:
+      source: a shipped model name or folder (`vertjax.shipped`), or a
+        training run's folder (its latest checkpoint; the moving average
+        where the run kept one).
+
+    Raises:
+      ValueError: `source` is neither, or cannot be read.
+    """
+    if shipped.is_model(source):
+        return shipped.load(source).params
+    ckpt_dir = os.path.join(os.path.abspath(source), "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise ValueError(
+            f"config.init_from={source!r} is neither a shipped model "
+            f"({', '.join(shipped.names()) or 'none'}) nor a training run folder"
+        )
+    ckpt = checkpoints.Checkpointer(ckpt_dir, read_only=True)
+    try:
+        step = ckpt.resolve("latest")
+        saved = ml_collections.ConfigDict(ckpt.restore_config(step))
+        state, _ = ckpt.restore(step, state=abstract_train_state(saved, make_mesh(1)))
+    finally:
+        ckpt.close()
+    return inference_params(state)
+
+
+def warm_start(state: TrainState, source: str) -> TrainState:
+    """`state` with the parameters (and their average) of `source` (`initial_params`).
+
+    Raises:
+      ValueError: naming the first parameter whose shape differs: the
+        network of `source` is not the configured one.
+    """
+    params = jax.device_get(initial_params(source))
+    shipped.check_params(params, state.params, where=f"config.init_from={source}")
+    params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), params, state.params)
+    logging.info("initial parameters from %s", source)
+    if isinstance(state, EmaTrainState):
+        return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+    return state.replace(params=params)
 
 
 def sigma_at(step: jax.Array, *, sigma: float, sigma_start: float, decay_steps: int) -> jax.Array:
@@ -189,6 +237,7 @@ def train_step(
     sigma_decay_steps: int,
     learning_rate_fn: optax.Schedule,
     aug: augment.Augment | None,
+    ema_decay: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step.
 
@@ -198,7 +247,7 @@ def train_step(
         labeled [B, K] bool (other fields are ignored).
       rng: base PRNG key; folded with the step for this step's augmentation.
       loss_fn, image_size, sigma, sigma_start, sigma_decay_steps,
-        learning_rate_fn, aug: plain values bound with functools.partial.
+        learning_rate_fn, aug, ema_decay: plain values bound with functools.partial.
 
     Returns:
       (new state, metrics: loss, grad_norm, learning_rate, sigma; scalars).
@@ -229,7 +278,17 @@ def train_step(
         "learning_rate": learning_rate_fn(state.step),
         "sigma": width,
     }
-    return state.apply_gradients(grads=grads), metrics
+    new_state = state.apply_gradients(grads=grads)
+    if ema_decay > 0:
+        # The usual warm-up: early averages forget the random start quickly.
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+        new_state = new_state.replace(
+            ema_params=jax.tree.map(
+                lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_state.params
+            )
+        )
+    return new_state, metrics
 
 
 def make_train_step(
@@ -253,6 +312,7 @@ def make_train_step(
         sigma_decay_steps=int(config.sigma_decay_steps),
         learning_rate_fn=make_learning_rate(config),
         aug=augment.Augment.from_config(config),
+        ema_decay=float(config.get("ema_decay", 0.0)),
     )
     rep, shard = replicated(mesh), data_sharded(mesh)
     kept = rep if state_shardings is None else state_shardings
@@ -398,7 +458,7 @@ def evaluate_checkpoint(
         ckpt.close()
     train_source = builder.as_data_source("train") if config.postprocess.enabled else None
     evaluator = _evaluator(config, mesh, state, mean=mean, std=std, train_source=train_source)
-    summary = evaluator.run(state.params, builder.as_data_source(split))
+    summary = evaluator.run(inference_params(state), builder.as_data_source(split))
     record = evaluate.results_record(
         summary,
         config=config,
@@ -470,6 +530,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     start = ckpt.latest_step()
     if start is None:
         state = create_train_state(config, init_key(config.seed))
+        if config.init_from:
+            state = warm_start(state, config.init_from)
         state = jax.device_put(state, state_sharding(config, mesh, state))
     else:
         for line in _config_differences(ckpt.restore_config(start), config):
@@ -521,7 +583,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 writer.write(step, "train", {**fetched[-1][1], "loss": mean_loss, **rate})
             fresh = None
             if do_eval:
-                fresh = evaluator.run(state.params, val_source, max_batches=config.val_max_batches)
+                fresh = evaluator.run(
+                    inference_params(state), val_source, max_batches=config.val_max_batches
+                )
                 validation = {k: v for k, v in fresh.items() if k != "per_vertebra"}
                 writer.write(step, "validation", validation)
                 logging.info(

@@ -17,8 +17,16 @@ vertebrae T1..L5 are all known:
   random b inside the overlap; `truth_visible` marks every vertebra whose
   centroid lies in the crop.
 
-Everything is drawn from `numpy.random.default_rng([seed, key])`, so the
-crops are a pure function of the seed, the image id and the labels.
+With `wide=True` the outer edges range further, as real films do: the
+upper crop's top anywhere from the image top down to T3, the lower crop's
+bottom anywhere from just below L5 down to the image bottom. A model trained
+only on the paper's edges learns to name vertebrae by where the film starts
+or ends; the wide crops train and check that it does not.
+
+Everything is drawn from `numpy.random.default_rng`, seeded by the seed, the
+image id, the draw number and the protocol, so the crops are a pure function
+of those and the labels; draw 0 of the paper's protocol keeps the stream of
+the first release, so its crops are unchanged.
 """
 
 from __future__ import annotations
@@ -72,8 +80,21 @@ def _edge(y: np.ndarray, position: float) -> float:
     return float(np.interp(position, np.arange(n), y))
 
 
+def _rng(seed: int, image_id: str, draw: int, wide: bool) -> np.random.Generator:
+    if draw == 0 and not wide:
+        return np.random.default_rng([seed, _key(image_id)])
+    return np.random.default_rng([seed, _key(image_id), draw, int(wide)])
+
+
 def split_fov(
-    centroids: np.ndarray, *, width: int, height: int, seed: int, image_id: str
+    centroids: np.ndarray,
+    *,
+    width: int,
+    height: int,
+    seed: int,
+    image_id: str,
+    draw: int = 0,
+    wide: bool = False,
 ) -> tuple[Crop, Crop]:
     """Cuts an upper and a lower film out of one fully labelled image.
 
@@ -82,6 +103,8 @@ def split_fov(
       width, height: image size in pixels.
       seed: dataset seed.
       image_id: stable id, mixed into the random stream.
+      draw: which of several independent pairs of this image.
+      wide: outer edges anywhere up to the image edges (module docstring).
 
     Returns:
       (upper, lower) crops; every T4..L4 is labelled on exactly one of them.
@@ -91,7 +114,7 @@ def split_fov(
         raise ValueError(f"{image_id}: expected T1..L5 centroids [17, 2], got {centroids.shape}")
     if not np.all(np.diff(centroids[:, 1]) > 0):
         raise ValueError(f"{image_id}: centroids must run strictly downwards")
-    rng = np.random.default_rng([seed, _key(image_id)])
+    rng = _rng(seed, image_id, draw, wide)
     y = centroids[:, 1]
 
     upper_last = int(rng.choice([T11, T12, L1]))
@@ -100,10 +123,14 @@ def split_fov(
     # Vertebrae lower_first..upper_last are on both films; split the labels.
     boundary = int(rng.integers(lower_first - 1, upper_last + 1))
 
-    upper_top = _edge(y, rng.uniform(-1.0, T3 + MARGIN[0]))
     upper_bottom = _edge(y, upper_last + rng.uniform(*MARGIN))
     lower_top = _edge(y, lower_first - rng.uniform(*MARGIN))
-    lower_bottom = _edge(y, rng.uniform(L5 + MARGIN[0], L5 + 1.0))
+    if wide:
+        upper_top = rng.uniform(0.0, max(_edge(y, T3 + MARGIN[0]), 0.0))
+        lower_bottom = rng.uniform(min(_edge(y, L5 + MARGIN[0]), height), height)
+    else:
+        upper_top = _edge(y, rng.uniform(-1.0, T3 + MARGIN[0]))
+        lower_bottom = _edge(y, rng.uniform(L5 + MARGIN[0], L5 + 1.0))
 
     crops = []
     for view, top, bottom, first, last in (

@@ -22,6 +22,8 @@ from tfds_builder.spine_radiographs import folder as folder_source
 from vertjax import imaging, vertebrae
 
 SOURCES: tuple[str, ...] = ("synthetic", "aasce", "aasce_fov", "folder")
+# aasce_fov's second validation split: the validation images cut with wide edges.
+WIDE_VALIDATION = "validation_wide"
 
 
 @dataclasses.dataclass(eq=False)
@@ -34,6 +36,8 @@ class SpineConfig(tfds.core.BuilderConfig):
       seed: phantom seed and the field-of-view crops' seed.
       image_size: model input side S.
       workers: processes rendering the phantom.
+      train_draws: aasce_fov: crop pairs per training image; odd draws have
+        wide edges (fov.split_fov).
     """
 
     source: str = "synthetic"
@@ -41,6 +45,7 @@ class SpineConfig(tfds.core.BuilderConfig):
     seed: int = 0
     image_size: int = records.IMAGE_SIZE
     workers: int = 2
+    train_draws: int = 1
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -54,8 +59,12 @@ class SpineConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for spine_radiographs."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "aasce_fov: several crop pairs per training image, half with wide edges; "
+        "a validation_wide split.",
+    }
     BUILDER_CONFIGS = [
         SpineConfig(
             name="synthetic",
@@ -76,8 +85,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         ),
         SpineConfig(
             name="aasce_fov",
-            description="AASCE 2019 images cut into overlapping upper and lower films.",
+            description=(
+                "AASCE 2019 images cut into overlapping upper and lower films: 6 pairs per "
+                "training image (3 with wide edges); validation with the paper's edges and "
+                "validation_wide with wide ones."
+            ),
             source="aasce_fov",
+            train_draws=6,
         ),
         SpineConfig(
             name="folder",
@@ -185,7 +199,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         elif source == "folder":
             examples = self._folder_examples(items)
         else:
-            examples = self._aasce_examples(items)
+            examples = self._aasce_examples(items, split)
         for key, record in examples:
             if split == "train":
                 self._train_stats.add(record["image"])
@@ -216,13 +230,23 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         for entry in entries:
             split = records.split_of(entry.participant_id, ("train", "validation"))
             by_split.setdefault(split, []).append(entry)
+        if self.builder_config.source == "aasce_fov" and by_split.get("validation"):
+            by_split[WIDE_VALIDATION] = by_split["validation"]
         return {
             split: self._generate_examples(split, chosen)
             for split, chosen in sorted(by_split.items())
             if chosen
         }
 
-    def _aasce_examples(self, entries: list[aasce.Entry]) -> Iterator[tuple[str, dict]]:
+    def _fov_draws(self, split: str) -> list[tuple[int, bool]]:
+        """(draw, wide) of the crop pairs cut from each image of `split`."""
+        if split == WIDE_VALIDATION:
+            return [(0, True)]
+        if split == "train":
+            return [(d, d % 2 == 1) for d in range(max(self.builder_config.train_draws, 1))]
+        return [(0, False)]
+
+    def _aasce_examples(self, entries: list[aasce.Entry], split: str) -> Iterator[tuple[str, dict]]:
         config = self.builder_config
         for entry in entries:
             pixels, spacing = imaging.read_radiograph(entry.image_path)
@@ -242,15 +266,23 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 )
                 yield entry.image_id, record
                 continue
-            for crop in fov.split_fov(
-                entry.centroids,
-                width=width,
-                height=height,
-                seed=config.seed,
-                image_id=entry.image_id,
-            ):
+            pairs = [
+                (draw, crop)
+                for draw, wide in self._fov_draws(split)
+                for crop in fov.split_fov(
+                    entry.centroids,
+                    width=width,
+                    height=height,
+                    seed=config.seed,
+                    image_id=entry.image_id,
+                    draw=draw,
+                    wide=wide,
+                )
+            ]
+            for draw, crop in pairs:
                 x0, y0, x1, y1 = crop.box
-                image_id = f"{entry.image_id}-{crop.view}"
+                suffix = f"-{draw}" if draw else ""
+                image_id = f"{entry.image_id}-{crop.view}{suffix}"
                 record = records.make_record(
                     pixels=pixels[y0:y1, x0:x1],
                     centroids_px=crop.centroids,
