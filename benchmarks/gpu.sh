@@ -73,7 +73,7 @@ import numpy as np
 
 from benchmarks import loss_step, train_step
 from configs import default
-from vertjax import heatmaps, losses, train
+from vertjax import heatmaps, losses, models
 
 cpu = jax.devices("cpu")[0]
 gpu = cpu if os.environ.get("GPU_SH_DRY_RUN") == "1" else jax.devices("gpu")[0]
@@ -105,7 +105,7 @@ with jax.default_matmul_precision("highest"):
         print(f"loss {name}: value rel diff {dv:.2e}, grad rel diff {dg:.2e} {'ok' if ok else 'FAIL'}")
 
     data = train_step.make_batch(2, 264)
-    model = train.make_model(default.get_config())
+    model = models.from_config(default.get_config())
     images = jnp.asarray(data["image"])
     lab = jnp.asarray(data["labeled"])
     targets = heatmaps.render(jnp.asarray(data["centroids"]), lab, height=264, width=264, sigma=3.0)

@@ -483,7 +483,7 @@ def test_cli_build_preview_and_error(tmp_path):
         cwd=REPO,
     )
     assert built.returncode == 0, built.stderr
-    assert "spine_radiographs/folder/1.0.0" in built.stdout
+    assert "spine_radiographs/folder/1.1.0" in built.stdout
     assert "train: 3 radiographs" in built.stdout  # 2 labelled + the negative (by hash)
     assert "validation: 1 radiographs" in built.stdout
     out = tmp_path / "preview.png"

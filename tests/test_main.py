@@ -171,3 +171,30 @@ def test_evaluate_without_checkpoints_is_a_clear_error(tmp_path, data_dir):
     config.dataset.data_dir = data_dir
     with pytest.raises(ValueError, match="no checkpoints directory; train first"):
         train.evaluate_checkpoint(config, str(tmp_path), split="test")
+
+
+def test_init_from_a_run_starts_from_its_weights(trained, tmp_path, env, data_dir):
+    workdir = tmp_path / "finetuned"
+    # A learning rate of ~0 keeps the weights where they started.
+    log = _run(
+        env,
+        data_dir,
+        workdir,
+        f"--config.init_from={trained[0]}",
+        "--config.optimizer.learning_rate=1e-12",
+        "--config.train_steps=3",
+        "--mode=train",
+    )
+    assert f"initial parameters from {trained[0]}" in log
+    started, source = _params(workdir, 3), _params(trained[0], 6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), started, source)
+    refused = _run(
+        env,
+        data_dir,
+        tmp_path / "wider",
+        f"--config.init_from={trained[0]}",
+        "--config.model.features=8",
+        expect=1,
+    )
+    assert "parameter" in refused and "configured network" in refused
+    assert not (tmp_path / "wider").exists()

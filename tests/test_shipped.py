@@ -17,8 +17,9 @@ from vertjax import predict, shipped, vertebrae
 
 REPO = Path(__file__).resolve().parents[1]
 AASCE_DIR = REPO.parent / "shared" / "data" / "aasce"
-# The shipped model's floor on both aasce_fov validation splits (MODEL_CARD.md).
-MIN_ID_ACCURACY = 0.0
+# The shipped model's floor on both aasce_fov validation splits: it scores 63.1 %
+# and 60.2 % (MODEL_CARD.md), short of the 85 % a finished recipe should reach.
+MIN_ID_ACCURACY = 0.58
 
 
 @pytest.fixture(scope="module")

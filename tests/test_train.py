@@ -308,16 +308,17 @@ def test_warm_start_takes_trained_weights_and_refuses_another_network(tmp_path):
     )
     config.ema_decay = 0.99
     state = train.create_train_state(config, train.init_key(1))
-    warm = train.warm_start(state, str(folder))
+    warm = train.warm_start(state, train.initial_params(str(folder), state.params))
     jax.tree.map(np.testing.assert_array_equal, warm.params, params)
     jax.tree.map(np.testing.assert_array_equal, warm.ema_params, params)
     config.ema_decay = 0.0
-    plain = train.warm_start(train.create_train_state(config, train.init_key(1)), str(folder))
+    plain = train.create_train_state(config, train.init_key(1))
+    plain = train.warm_start(plain, train.initial_params(str(folder), plain.params))
     jax.tree.map(np.testing.assert_array_equal, plain.params, params)
     wider = test_config.get_config()
     wider.model.features = 8
     other = train.create_train_state(wider, train.init_key(1))
     with pytest.raises(ValueError, match=r"config.init_from=.*mine: parameter .* but .*configured"):
-        train.warm_start(other, str(folder))
+        train.initial_params(str(folder), other.params)
     with pytest.raises(ValueError, match="neither a shipped model"):
-        train.warm_start(state, str(tmp_path / "nothing"))
+        train.initial_params(str(tmp_path / "nothing"), state.params)

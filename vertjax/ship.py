@@ -42,9 +42,9 @@ def main(argv: Sequence[str]) -> int:
         for path in FLAGS.results:
             with open(path) as f:
                 record = json.load(f)
-            if record.get("checkpoint_step") != model.step:
+            if record.get("steps") != model.step:
                 raise ValueError(
-                    f"{path}: results of checkpoint {record.get('checkpoint_step')}, "
+                    f"{path}: results of checkpoint {record.get('steps')}, "
                     f"not of the shipped step {model.step}"
                 )
             metrics[record["split"]] = record

@@ -172,17 +172,28 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
-def initial_params(source: str) -> Any:
+def initial_params(source: str, like: Any) -> Any:
     """Trained parameters to start from: a shipped model's, or a run's latest checkpoint's.
 
     Args:
       source: a shipped model name or folder (`vertjax.shipped`), or a
         training run's folder (its latest checkpoint; the moving average
         where the run kept one).
+      like: the configured network's parameters (or their shapes).
+
+    Returns:
+      Host arrays with the structure and dtypes of `like`.
 
     Raises:
-      ValueError: `source` is neither, or cannot be read.
+      ValueError: `source` is neither or cannot be read, or its network
+        differs from the configured one (naming the first parameter).
     """
+    params = jax.device_get(_trained_params(source))
+    shipped.check_params(params, like, where=f"config.init_from={source}")
+    return jax.tree.map(lambda new, old: np.asarray(new, old.dtype), params, like)
+
+
+def _trained_params(source: str) -> Any:
     if shipped.is_model(source):
         return shipped.load(source).params
     ckpt_dir = os.path.join(os.path.abspath(source), "checkpoints")
@@ -201,17 +212,9 @@ def initial_params(source: str) -> Any:
     return inference_params(state)
 
 
-def warm_start(state: TrainState, source: str) -> TrainState:
-    """`state` with the parameters (and their average) of `source` (`initial_params`).
-
-    Raises:
-      ValueError: naming the first parameter whose shape differs: the
-        network of `source` is not the configured one.
-    """
-    params = jax.device_get(initial_params(source))
-    shipped.check_params(params, state.params, where=f"config.init_from={source}")
-    params = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), params, state.params)
-    logging.info("initial parameters from %s", source)
+def warm_start(state: TrainState, params: Any) -> TrainState:
+    """`state` with `params` (from `initial_params`) as parameters and as their average."""
+    params = jax.tree.map(jnp.asarray, params)
     if isinstance(state, EmaTrainState):
         return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
     return state.replace(params=params)
@@ -521,6 +524,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     # batch is partitioned; folded with the step inside the train step.
     step_rng = sharding.replicated_key(config.seed + 1, mesh)
 
+    # Read and checked before the workdir is made, like the config and data.
+    warm = None
+    if config.init_from:
+        like = abstract_train_state(config, mesh).params
+        warm = initial_params(config.init_from, like)
+
     # Made only now: a config or dataset fault leaves no workdir behind.
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoints.Checkpointer(
@@ -530,8 +539,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     start = ckpt.latest_step()
     if start is None:
         state = create_train_state(config, init_key(config.seed))
-        if config.init_from:
-            state = warm_start(state, config.init_from)
+        if warm is not None:
+            state = warm_start(state, warm)
+            logging.info("initial parameters from %s", config.init_from)
         state = jax.device_put(state, state_sharding(config, mesh, state))
     else:
         for line in _config_differences(ckpt.restore_config(start), config):
