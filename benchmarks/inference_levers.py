@@ -44,16 +44,15 @@ def evaluate_levers(workdir: str, checkpoint: str, splits: list[str]) -> list[di
     if train.inference_params(state) is not state.params:
         weights["ema"] = train.inference_params(state)
     rows = []
-    for (name, params), post, flip in itertools.product(
-        weights.items(), (False, True), (False, True)
-    ):
+    # One evaluator (one compilation) per setting, run on each set of weights.
+    for post, flip in itertools.product((False, True), (False, True)):
         variant = ml_collections.ConfigDict(config.to_dict())
         variant.postprocess.enabled = post
         variant.test_time_flip = flip
         evaluator = evaluate.Evaluator(
             variant, mesh, apply_fn=state.apply_fn, mean=mean, std=std, prior=prior
         )
-        for split in splits:
+        for (name, params), split in itertools.product(weights.items(), splits):
             summary = evaluator.run(params, builder.as_data_source(split))
             rows.append(
                 {
@@ -71,6 +70,7 @@ def evaluate_levers(workdir: str, checkpoint: str, splits: list[str]) -> list[di
                 f"{100 * summary['id_accuracy']:.1f} %",
                 flush=True,
             )
+    rows.sort(key=lambda r: list(weights).index(r["weights"]))
     return rows
 
 

@@ -93,13 +93,12 @@ def _source_image(record: dict) -> str:
     return f"{image}-{draw or 0}"
 
 
-def _fov_counts(builder) -> dict[str, int]:
-    """Records per split that aasce_fov must make from its images."""
+def _fov_counts(by_split: dict[str, list[dict]], draws: int) -> dict[str, int]:
+    """Records per split that aasce_fov must make from the images of `by_split`."""
     images = {
         split: len({_source_image(r).rsplit("-", 1)[0] for r in recs})
-        for split, recs in _records(builder).items()
+        for split, recs in by_split.items()
     }
-    draws = builder.builder_config.train_draws
     return {split: n * 2 * (draws if split == "train" else 1) for split, n in images.items()}
 
 
@@ -586,7 +585,9 @@ def test_aasce_build_on_dummy_data(tmp_path, config):
         assert len(flat) == 4
         assert all(r["labeled"].all() for r in flat)
         return
-    assert {s: len(r) for s, r in by_split.items()} == _fov_counts(builder)
+    assert {s: len(r) for s, r in by_split.items()} == _fov_counts(
+        by_split, builder.builder_config.train_draws
+    )
     assert sorted(by_split) in (["train", "validation", "validation_wide"], ["train"])
     for split, recs in by_split.items():
         views = [re.search(r"-(upper|lower)", _text(r["image_id"])).group(1) for r in recs]
@@ -675,7 +676,9 @@ def test_aasce_reader_on_real_files(tmp_path):
         "aasce_fov", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "aasce")
     )
     by_split = _records(builder)
-    assert {s: len(r) for s, r in by_split.items()} == _fov_counts(builder)
+    assert {s: len(r) for s, r in by_split.items()} == _fov_counts(
+        by_split, builder.builder_config.train_draws
+    )
     assert sum(len(v) for v in by_split.values()) >= 6 * 4
     _check_participants(by_split, once_per=_source_image)
     for recs in by_split.values():
