@@ -13,12 +13,20 @@ and PyTorch all allocate through glibc, so `ensure_malloc_tuning()`
 re-executes the benchmark with MALLOC_TUNABLES: one arena, no mmap, no trim
 (freed buffers stay in the heap and are reused) and transparent huge pages
 for the heap. Faults per call drop from thousands to a handful for every
-contender alike; `--no-malloc-tuning` measures the untuned process. The
+contender alike; `--nomalloc_tuning` measures the untuned process. The
 same variable speeds up training (see RESULTS.md).
+
+Flags are absl flags, as in `vertjax`. Each benchmark defines its flags in
+a `define_flags()` that runs only when it is the program, so that two
+benchmarks can be imported into one process (benchmarks/gpu.sh does); the
+flags several benchmarks share are defined here, by the `define_*`
+functions, and listed in the benchmark's own `--help`. Several values are
+written as a comma-separated list, `--batch=8,32` (`define_list_flag`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -28,25 +36,139 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
 MALLOC_TUNABLES = (
     "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
     "glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1"
 )
 
 
-def ensure_malloc_tuning(argv: Sequence[str] | None = None) -> None:
-    """Re-executes this process with MALLOC_TUNABLES unless they are set or opted out.
+def define_json_flag() -> None:
+    flags.DEFINE_string("json", None, "Write the results to this JSON file.")
+    _list_in_help("json")
 
-    Call it first thing in `main()`, before jax, numpy or torch allocate.
+
+def define_repeats_flag(default: int, *, lower_bound: int = 1) -> None:
+    flags.DEFINE_integer(
+        "repeats",
+        default,
+        "Timed rounds of each contender, after two warm-up rounds.",
+        lower_bound=lower_bound,
+    )
+    _list_in_help("repeats")
+
+
+def define_batch_flag(help: str) -> None:
+    flags.DEFINE_integer("batch", 8, help, lower_bound=1)
+    _list_in_help("batch")
+
+
+def define_list_flag(name: str, default: Sequence[float], help: str, *, kind: type = int) -> None:
+    """A comma-separated list flag, `--name=8,32`, whose items must parse as `kind`.
+
+    Read it with `list_value(name, kind)`.
     """
-    argv = list(sys.argv if argv is None else argv)
-    if "--no-malloc-tuning" in argv or MALLOC_TUNABLES in os.environ.get("GLIBC_TUNABLES", ""):
+    flags.DEFINE_list(name, [str(v) for v in default], help)
+    flags.register_validator(
+        name,
+        functools.partial(_all_parse, kind),
+        message=f"--{name} takes comma-separated {kind.__name__}s, "
+        f"e.g. --{name}={','.join(map(str, default))}",
+    )
+    _list_in_help(name)
+
+
+def _all_parse(kind: type, values: Sequence[str]) -> bool:
+    try:
+        [kind(v) for v in values]
+    except ValueError:
+        return False
+    return bool(values)
+
+
+def list_value(name: str, kind: type = int) -> list:
+    """The items of list flag `name` as `kind`."""
+    return [kind(v) for v in FLAGS[name].value]
+
+
+def define_timing_flags(*, torch: bool = False) -> None:
+    """`--json` and `--[no]malloc_tuning`; with `torch`, `--[no]torch` and `--torch_device`."""
+    define_json_flag()
+    flags.DEFINE_bool(
+        "malloc_tuning", True, "Run under MALLOC_TUNABLES (see benchmarks/common.py)."
+    )
+    _list_in_help("malloc_tuning")
+    if torch:
+        flags.DEFINE_bool(
+            "torch", True, "Time PyTorch alongside (skipped when it is not installed)."
+        )
+        flags.DEFINE_string("torch_device", None, "default: cuda on a GPU, else cpu")
+        _list_in_help("torch", "torch_device")
+
+
+def _list_in_help(*names: str) -> None:
+    """Lists flags defined here in the running benchmark's `--help`.
+
+    absl's `--help` shows the key flags of the main module, which absl names
+    by `sys.argv[0]`; a flag is key only to the module that defines it.
+    """
+    for name in names:
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+
+def flag_values() -> dict[str, Any]:
+    """The running benchmark's flags (its own and those defined here) and their values."""
+    return {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}
+
+
+def start_timing(argv: Sequence[str]) -> dict[str, Any]:
+    """First thing in a timing benchmark's `main`: checks, re-executes, describes.
+
+    Rejects arguments left after the flags, re-executes under
+    MALLOC_TUNABLES (`ensure_malloc_tuning`), prints the machine line and
+    returns `machine_info()`.
+    """
+    no_arguments(argv)
+    ensure_malloc_tuning()
+    info = machine_info()
+    print(describe(info))
+    return info
+
+
+def no_arguments(argv: Sequence[str]) -> None:
+    """Raises a usage error for arguments left after the flags (e.g. `--batch 8 32`)."""
+    if len(argv) > 1:
+        raise app.UsageError(
+            f"unexpected arguments: {' '.join(argv[1:])} (a list flag takes commas: --batch=8,32)"
+        )
+
+
+def torch_device(info: Mapping[str, Any]) -> str | None:
+    """The device to time PyTorch on, or None to skip it (`--notorch`, or no torch)."""
+    if not FLAGS.torch:
+        return None
+    if info.get("torch") is None:
+        print("note: torch is not installed; the PyTorch column is skipped (pip install .[bench])")
+        return None
+    return FLAGS.torch_device or default_torch_device()
+
+
+def ensure_malloc_tuning() -> None:
+    """Re-executes this process with MALLOC_TUNABLES unless they are set or `--nomalloc_tuning`.
+
+    Call it first thing in `main()`, before jax, numpy or torch allocate the
+    buffers that are timed.
+    """
+    if not FLAGS.malloc_tuning or MALLOC_TUNABLES in os.environ.get("GLIBC_TUNABLES", ""):
         return
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), MALLOC_TUNABLES]))
     module = sys.modules["__main__"].__spec__
-    args = ["-m", module.name] if module is not None else [argv[0]]
-    os.execve(sys.executable, [sys.executable, *args, *argv[1:]], env)
+    args = ["-m", module.name] if module is not None else [sys.argv[0]]
+    os.execve(sys.executable, [sys.executable, *args, *sys.argv[1:]], env)
 
 
 def cpu_model() -> str:

@@ -140,21 +140,21 @@ check_status=${PIPESTATUS[0]}
 set -e
 
 if [[ "$DRY_RUN" == 1 ]]; then
-  loss_args=(--batch 8 --repeats 10 --no-numpy)
-  train_args=(--features 16 --repeats 1 --loss-repeats 1)
-  predict_args=(--files 4 --batch 2 --width 300 --height 800)
+  loss_args=(--batch=8 --repeats=10 --nonumpy)
+  train_args=(--features=16 --repeats=1 --loss_repeats=1)
+  predict_args=(--files=4 --batch=2 --width=300 --height=800)
 else
-  loss_args=(--batch 8 32 --repeats 20 --no-numpy)
-  train_args=(--features 16 32 --repeats 10)
-  predict_args=(--files 64 --batch 8)
+  loss_args=(--batch=8,32 --repeats=20 --nonumpy)
+  train_args=(--features=16,32 --repeats=10)
+  predict_args=(--files=64 --batch=8)
 fi
 echo "== timings" | tee "$OUTDIR/loss_step.txt"
 "$PY" -m benchmarks.loss_step "${loss_args[@]}" \
-  --json "$OUTDIR/loss_step.json" 2>&1 | tee -a "$OUTDIR/loss_step.txt"
+  --json="$OUTDIR/loss_step.json" 2>&1 | tee -a "$OUTDIR/loss_step.txt"
 "$PY" -m benchmarks.train_step "${train_args[@]}" \
-  --json "$OUTDIR/train_step.json" 2>&1 | tee "$OUTDIR/train_step.txt"
+  --json="$OUTDIR/train_step.json" 2>&1 | tee "$OUTDIR/train_step.txt"
 "$PY" -m benchmarks.predict "${predict_args[@]}" \
-  --json "$OUTDIR/predict.json" 2>&1 | tee "$OUTDIR/predict.txt"
+  --json="$OUTDIR/predict.json" 2>&1 | tee "$OUTDIR/predict.txt"
 
 if [[ "$check_status" != 0 ]]; then
   echo "GPU check FAILED (see $OUTDIR/check.txt)" >&2

@@ -1,4 +1,4 @@
-"""What each inference-time lever adds to one trained checkpoint.
+r"""What each inference-time lever adds to one trained checkpoint.
 
 Evaluates one checkpoint of a run on one or more splits with every
 combination of: the moving average of the parameters or the raw ones (when
@@ -6,43 +6,42 @@ the run kept an average), the anatomical-order post-processing on or off, and
 test-time mirror averaging on or off. Training is not repeated: the levers
 that act at inference are compared on the same weights.
 
-Command:
+Command (the training run folder, then the flags; `--splits` takes a
+comma-separated list, an absl list flag):
   python -m benchmarks.inference_levers runs/aasce_fov_seed0 --checkpoint=latest \
-      --splits validation validation_wide --json /tmp/levers.json
+      --splits=validation,validation_wide --json=/tmp/levers.json
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import os
+from collections.abc import Sequence
 from typing import Any
 
+from absl import app, flags
+
 from benchmarks import common
+from vertjax import datasets, runs
+
+FLAGS = flags.FLAGS
 
 
 def evaluate_levers(workdir: str, checkpoint: str, splits: list[str]) -> list[dict[str, Any]]:
+    """One row (ID accuracy, RMSE) per weights x post-processing x mirror x split."""
     import ml_collections
 
-    from vertjax import checkpoints, data, evaluate, sharding, train
+    from vertjax import evaluate, sharding
 
-    ckpt = checkpoints.Checkpointer(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), read_only=True
-    )
-    try:
-        step = ckpt.resolve(checkpoint)
-        config = ml_collections.ConfigDict(ckpt.restore_config(step))
-        mesh = sharding.make_mesh(1)
-        state, _ = ckpt.restore(step, state=train.abstract_train_state(config, mesh))
-    finally:
-        ckpt.close()
-    builder = train.open_dataset(config)
-    mean, std = data.pixel_stats(builder)
+    mesh = sharding.make_mesh(1)
+    restored = runs.restore(workdir, checkpoint, mesh=mesh)
+    state, step, config = restored.state, restored.step, restored.config
+    builder = runs.open_dataset(config)
+    mean, std = datasets.pixel_stats(builder)
     train_source = builder.as_data_source("train")
-    prior = evaluate.fit_prior(train_source, int(config.image_size))
+    prior = runs.fit_prior(train_source, int(config.image_size))
     weights = {"raw": state.params}
-    if train.inference_params(state) is not state.params:
-        weights["ema"] = train.inference_params(state)
+    if runs.inference_params(state) is not state.params:
+        weights["ema"] = runs.inference_params(state)
     rows = []
     # One evaluator (one compilation) per setting, run on each set of weights.
     for post, flip in itertools.product((False, True), (False, True)):
@@ -74,15 +73,18 @@ def evaluate_levers(workdir: str, checkpoint: str, splits: list[str]) -> list[di
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("workdir", help="training run folder")
-    parser.add_argument("--checkpoint", default="latest", help="'best', 'latest' or a step")
-    parser.add_argument("--splits", nargs="+", default=["validation"])
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
-    rows = evaluate_levers(args.workdir, args.checkpoint, args.splits)
-    print(common.describe(common.machine_info()))
+def define_flags() -> None:
+    flags.DEFINE_string("checkpoint", "latest", "'best', 'latest' or a step")
+    flags.DEFINE_list("splits", ["validation"], "Splits, comma-separated: --splits=a,b.")
+    common.define_json_flag()
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) != 2:
+        raise app.UsageError("give one training run folder, then the flags")
+    rows = evaluate_levers(argv[1], FLAGS.checkpoint, FLAGS.splits)
+    info = common.machine_info()
+    print(common.describe(info))
     print(
         common.format_table(
             ["weights", "post-processing", "test-time flip", "split", "ID accuracy", "RMSE px"],
@@ -99,9 +101,10 @@ def main() -> None:
             ],
         )
     )
-    if args.json:
-        common.write_json(args.json, {"machine": common.machine_info(), "rows": rows})
+    if FLAGS.json:
+        common.write_json(FLAGS.json, {"machine": info, "rows": rows})
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -9,7 +9,7 @@ Measures, in one run on this machine:
   * what one train step of the default model consumes (images/s), so the
     read rate can be stated as a multiple of the trainer's demand.
 
-  python -m benchmarks.input_pipeline [--participants 150] [--json FILE]
+  python -m benchmarks.input_pipeline [--participants=150] [--json=FILE]
 """
 
 from __future__ import annotations
@@ -18,20 +18,26 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 
 from absl import app, flags
 
-_PARTICIPANTS = flags.DEFINE_integer(
-    "participants", 150, "phantom participants to build (2 radiographs each)"
-)
-_BATCHES = flags.DEFINE_integer("batches", 100, "training batches to read")
-_STEPS = flags.DEFINE_integer("steps", 5, "timed train steps of the default model")
-_JSON = flags.DEFINE_string("json", None, "write the results as JSON here")
-_AASCE = flags.DEFINE_string(
-    "aasce_dir",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "aasce"),
-    "AASCE manual directory (skipped when absent)",
-)
+from benchmarks import common
+from vertjax import datasets, runs, sharding
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_integer("participants", 150, "phantom participants to build (2 radiographs each)")
+    flags.DEFINE_integer("batches", 100, "training batches to read")
+    flags.DEFINE_integer("steps", 5, "timed train steps of the default model")
+    common.define_json_flag()
+    flags.DEFINE_string(
+        "aasce_dir",
+        os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "aasce"),
+        "AASCE manual directory (skipped when absent)",
+    )
 
 
 def _build_rate(config, manual_dir: str | None) -> dict:
@@ -72,9 +78,9 @@ def _build_rate(config, manual_dir: str | None) -> dict:
 
 def _read_rate(builder, batches: int) -> dict:
     """Images/s of the training stream, batches of 8, after one warm-up batch."""
-    from vertjax import data, input_pipeline
+    from vertjax import input_pipeline
 
-    mean, std = data.pixel_stats(builder)
+    mean, std = datasets.pixel_stats(builder)
     source = builder.as_data_source("train")
     stream = iter(input_pipeline.train_dataset(source, batch_size=8, seed=0, mean=mean, std=std))
     next(stream)
@@ -95,8 +101,8 @@ def _train_demand(steps: int) -> dict:
     from vertjax import train
 
     config = default.get_config()
-    mesh = train.make_mesh(1)
-    state = train.create_train_state(config, train.init_key(0))
+    mesh = sharding.make_mesh(1)
+    state = runs.create_train_state(config, runs.init_key(0))
     step = train.make_train_step(config, mesh)
     rng = np.random.default_rng(0)
     batch = {
@@ -115,27 +121,26 @@ def _train_demand(steps: int) -> dict:
     return {"step_seconds": seconds, "images_per_s": 8 / seconds}
 
 
-def main(argv):
-    del argv
-    from benchmarks import common
+def main(argv: Sequence[str]) -> None:
+    common.no_arguments(argv)
     from tfds_builder.spine_radiographs import spine_radiographs_dataset_builder as sr
 
     builds = [
         _build_rate(
             sr.SpineConfig(
-                name="synthetic_bench", source="synthetic", num_participants=_PARTICIPANTS.value
+                name="synthetic_bench", source="synthetic", num_participants=FLAGS.participants
             ),
             None,
         )
     ]
-    if os.path.isdir(_AASCE.value):
-        aasce_dir = os.path.abspath(_AASCE.value)
+    if os.path.isdir(FLAGS.aasce_dir):
+        aasce_dir = os.path.abspath(FLAGS.aasce_dir)
         builds.append(_build_rate(sr.SpineConfig(name="aasce_bench", source="aasce"), aasce_dir))
     else:
-        print(f"AASCE data not found at {_AASCE.value}: skipping its build rate")
+        print(f"AASCE data not found at {FLAGS.aasce_dir}: skipping its build rate")
     try:
-        read = _read_rate(builds[0]["builder"], _BATCHES.value)
-        demand = _train_demand(_STEPS.value)
+        read = _read_rate(builds[0]["builder"], FLAGS.batches)
+        demand = _train_demand(FLAGS.steps)
     finally:
         for build in builds:
             shutil.rmtree(build.pop("data_dir"), ignore_errors=True)
@@ -165,9 +170,9 @@ def main(argv):
             [["train split", read["images_per_s"], demand["images_per_s"], ratio]],
         )
     )
-    if _JSON.value:
+    if FLAGS.json:
         common.write_json(
-            _JSON.value,
+            FLAGS.json,
             {
                 "machine": info,
                 "builds": builds,
@@ -179,4 +184,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,14 +1,16 @@
 """Loss-step benchmark: value and gradient of each loss against the memory floor.
 
-    python -m benchmarks.loss_step [--batch 8 32] [--json FILE] [--baseline PATH]
+    python -m benchmarks.loss_step [--batch=8,32] [--json=FILE] [--baseline=PATH]
 
-For each loss (mse, l1, l2, l3) and batch size B, the time of the batch-mean
+For each loss (mse, l1, l2, l3) and batch size B (`--batch` takes a
+comma-separated list of ints, an absl list flag), the time of the batch-mean
 loss and its gradient with respect to the predictions [B, 264, 264, 13]:
 
 - vertjax: `jax.jit(jax.value_and_grad(...))` of `vertjax.losses.get(name)`;
 - numpy: a plain NumPy forward pass and its analytic gradient;
-- torch: PyTorch eager with autograd (skipped, with a note, without torch);
-- baseline (with --baseline PATH): another `losses.py`, e.g. an earlier
+- torch: PyTorch eager with autograd (skipped, with a note, without torch;
+  `--notorch` skips it too);
+- baseline (with --baseline=PATH): another `losses.py`, e.g. an earlier
   version, loaded from PATH and timed in the same run.
 
 The memory floor is the traffic the step cannot avoid (read targets and
@@ -22,14 +24,16 @@ and the ratios to the floor, to torch and to numpy.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 
 from benchmarks import common
+
+FLAGS = flags.FLAGS
 
 LOSSES = ("mse", "l1", "l2", "l3")
 SIZE = 264
@@ -95,7 +99,7 @@ def load_losses(path: str | None):
         return losses
     spec = importlib.util.spec_from_file_location("baseline_losses", path)
     if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"--baseline {path}: not a Python file")
+        raise FileNotFoundError(f"--baseline={path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -155,7 +159,10 @@ def check_agreement(module, predictions, targets, labeled) -> dict[str, float]:
     return out
 
 
-def run_batch(batch: int, args, have_torch: bool, baseline) -> dict[str, Any]:
+def run_batch(
+    batch: int, *, repeats: int, with_numpy: bool, torch_device: str | None, baseline
+) -> dict[str, Any]:
+    """Times every contender at batch size `batch` (PyTorch on `torch_device`, if any)."""
     import jax
     import jax.numpy as jnp
 
@@ -177,13 +184,13 @@ def run_batch(batch: int, args, have_torch: bool, baseline) -> dict[str, Any]:
             jit_group[f"{name}/baseline"] = jax_contender(
                 baseline, name, predictions, targets, labeled
             )
-        if not args.no_numpy:
+        if with_numpy:
             eager_group[f"{name}/numpy"] = lambda name=name: numpy_value_and_grad(name, *np_inputs)
-        if have_torch:
-            eager_group[f"{name}/torch"] = torch_contender(name, *np_inputs, args.torch_device)
-    samples = common.time_interleaved(jit_group, repeats=args.repeats, warmup=2)
+        if torch_device is not None:
+            eager_group[f"{name}/torch"] = torch_contender(name, *np_inputs, torch_device)
+    samples = common.time_interleaved(jit_group, repeats=repeats, warmup=2)
     if eager_group:
-        samples |= common.time_interleaved(eager_group, repeats=args.repeats, warmup=2)
+        samples |= common.time_interleaved(eager_group, repeats=repeats, warmup=2)
     floor = common.stats(samples.pop("floor"))
     bytes_moved = 3 * predictions.size * 4
     result: dict[str, Any] = {
@@ -244,37 +251,35 @@ def print_batch(result: dict[str, Any], repeats: int) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    common.ensure_malloc_tuning()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[8])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--baseline", default=None, help="another losses.py to time alongside")
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--torch-device", default=None, help="default: cuda on a GPU, else cpu")
-    parser.add_argument("--no-numpy", action="store_true")
-    parser.add_argument("--json", default=None, help="write the results to this file")
-    parser.add_argument("--no-malloc-tuning", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.repeats < 10:
-        parser.error("--repeats must be at least 10")
+def define_flags() -> None:
+    common.define_list_flag("batch", [8], "Batch sizes B, comma-separated: --batch=8,32.")
+    common.define_repeats_flag(15, lower_bound=10)
+    flags.DEFINE_string("baseline", None, "another losses.py to time alongside")
+    flags.DEFINE_bool("numpy", True, "Time the NumPy reference alongside.")
+    common.define_timing_flags(torch=True)
 
-    info = common.machine_info()
-    print(common.describe(info))
-    have_torch = not args.no_torch and info.get("torch") is not None
-    args.torch_device = args.torch_device or common.default_torch_device()
-    if not have_torch and not args.no_torch:
-        print("note: torch is not installed; the torch column is skipped (pip install .[bench])")
-    baseline = load_losses(args.baseline) if args.baseline else None
-    results: dict[str, Any] = {"machine": info, "args": vars(args), "batches": []}
-    for batch in args.batch:
-        result = run_batch(batch, args, have_torch, baseline)
-        print_batch(result, args.repeats)
+
+def main(argv: Sequence[str]) -> None:
+    info = common.start_timing(argv)
+    torch_device = common.torch_device(info)
+    baseline = load_losses(FLAGS.baseline) if FLAGS.baseline else None
+    batches = common.list_value("batch")
+    settings = {**common.flag_values(), "batch": batches, "torch_device": torch_device}
+    results: dict[str, Any] = {"machine": info, "args": settings, "batches": []}
+    for batch in batches:
+        result = run_batch(
+            batch,
+            repeats=FLAGS.repeats,
+            with_numpy=FLAGS.numpy,
+            torch_device=torch_device,
+            baseline=baseline,
+        )
+        print_batch(result, FLAGS.repeats)
         results["batches"].append(result)
-    if args.json:
-        common.write_json(args.json, results)
-    return results
+    if FLAGS.json:
+        common.write_json(FLAGS.json, results)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -1,8 +1,8 @@
 """Predict benchmark: one radiograph file to its JSON (cold and warm), and throughput.
 
-    python -m benchmarks.predict [--workdir RUN | --config configs/default.py]
-        [--files 64] [--batch 8] [--width 891] [--height 2375] [--format png]
-        [--json FILE]
+    python -m benchmarks.predict [--workdir=RUN | --config=configs/default.py]
+        [--files=64] [--batch=8] [--width=891] [--height=2375] [--format=png]
+        [--json=FILE]
 
 Measures `vertjax.predict.predict_files`, the library behind
 `python -m vertjax.predict`, end to end: read and decode the file, resize,
@@ -23,16 +23,20 @@ Process start-up and imports (a few seconds for JAX) are not included.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 
 from benchmarks import common
+from vertjax import inference
+
+FLAGS = flags.FLAGS
 
 
 def write_radiographs(folder: Path, count: int, *, width: int, height: int, fmt: str) -> list[Path]:
@@ -59,14 +63,14 @@ def write_radiographs(folder: Path, count: int, *, width: int, height: int, fmt:
 
 
 def random_model(config_path: str) -> Any:
-    """A `predict.Model` of the configured U-Net with random weights."""
+    """A `inference.Predictor` of the configured U-Net with random weights."""
     import functools
     import importlib.util
 
     import jax
     import jax.numpy as jnp
 
-    from vertjax import models, predict
+    from vertjax import models
 
     spec = importlib.util.spec_from_file_location("bench_config", config_path)
     module = importlib.util.module_from_spec(spec)
@@ -81,7 +85,7 @@ def random_model(config_path: str) -> Any:
     )
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda x: jnp.asarray(rng.normal(0.0, 0.05, x.shape), x.dtype), shapes)
-    return predict.Model(
+    return inference.Predictor(
         apply=functools.partial(net.apply, train=False),
         variables=variables,
         image_size=int(s),
@@ -92,21 +96,30 @@ def random_model(config_path: str) -> Any:
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(settings: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
+    """The measurements for `settings` (the flags by name: workdir, files, batch, ...).
+
+    `info` is `common.machine_info()`, recorded with them.
+    """
     from vertjax import predict
 
-    results: dict[str, Any] = {"machine": common.machine_info(), "settings": vars(args).copy()}
+    settings = dict(settings)
+    results: dict[str, Any] = {"machine": dict(info), "settings": settings}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        count = max(args.files, args.batch) + 6
+        count = max(settings["files"], settings["batch"]) + 6
         files = write_radiographs(
-            tmp / "in", count, width=args.width, height=args.height, fmt=args.format
+            tmp / "in",
+            count,
+            width=settings["width"],
+            height=settings["height"],
+            fmt=settings["format"],
         )
         start = time.perf_counter()
-        if args.workdir:
-            model = predict.load_model(args.workdir, "best")
+        if settings["workdir"]:
+            model = inference.load(workdir=settings["workdir"], checkpoint="best")
         else:
-            model = random_model(args.config)
+            model = random_model(settings["config"])
         results["model_load_s"] = time.perf_counter() - start
 
         def timed(batch_files, out, *, batch_size, overlays):
@@ -132,17 +145,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["warm_json_s"] = statistics.median(warm_json)
         results["warm_json_overlay_s"] = statistics.median(warm_overlay)
 
-        many = files[6 : 6 + args.files]
+        many = files[6 : 6 + settings["files"]]
         # Compile the throughput batch size first, so throughput is steady state.
-        timed(many[: args.batch], "compile", batch_size=args.batch, overlays=False)
+        timed(many[: settings["batch"]], "compile", batch_size=settings["batch"], overlays=False)
         for overlays in (False, True):
-            elapsed = timed(many, f"many_{overlays}", batch_size=args.batch, overlays=overlays)
+            elapsed = timed(
+                many, f"many_{overlays}", batch_size=settings["batch"], overlays=overlays
+            )
             key = "throughput_overlay" if overlays else "throughput_json"
             results[key] = {"images_per_s": len(many) / elapsed, "seconds": elapsed}
     return results
 
 
 def table(results: dict[str, Any]) -> str:
+    """The measurements of `run` as a plain-text table."""
     s = results["settings"]
     size = f"{s['width']}x{s['height']} {s['format']}"
     rows = [
@@ -167,31 +183,29 @@ def table(results: dict[str, Any]) -> str:
             "images/s",
         ],
     ]
-    return (
-        common.describe(results["machine"])
-        + "\n\n"
-        + common.format_table(["measurement", "value", "unit"], rows)
-    )
+    return common.format_table(["measurement", "value", "unit"], rows)
 
 
-def main() -> None:
-    common.ensure_malloc_tuning()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="", help="Training run to restore (best checkpoint).")
-    parser.add_argument("--config", default="configs/default.py", help="Config for random weights.")
-    parser.add_argument("--files", type=int, default=64, help="Files for the throughput run.")
-    parser.add_argument("--batch", type=int, default=8, help="Batch size for the throughput run.")
-    parser.add_argument("--width", type=int, default=891)
-    parser.add_argument("--height", type=int, default=2375)
-    parser.add_argument("--format", choices=("png", "dcm"), default="png")
-    parser.add_argument("--json", default="", help="Also write the results here.")
-    parser.add_argument("--no-malloc-tuning", action="store_true", help="See benchmarks/common.py.")
-    args = parser.parse_args()
-    results = run(args)
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", "", "Training run to restore (best checkpoint).")
+    flags.DEFINE_string("config", "configs/default.py", "Config for random weights.")
+    flags.DEFINE_integer("files", 64, "Files for the throughput run.", lower_bound=1)
+    common.define_batch_flag("Batch size for the throughput run.")
+    flags.DEFINE_integer("width", 891, "Width of the generated radiographs (px).")
+    flags.DEFINE_integer("height", 2375, "Height of the generated radiographs (px).")
+    flags.DEFINE_enum("format", "png", ["png", "dcm"], "8-bit PNG or 16-bit DICOM files.")
+    common.define_timing_flags()
+
+
+def main(argv: Sequence[str]) -> None:
+    info = common.start_timing(argv)
+    results = run(common.flag_values(), info)
+    print()
     print(table(results))
-    if args.json:
-        common.write_json(args.json, results)
+    if FLAGS.json:
+        common.write_json(FLAGS.json, results)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

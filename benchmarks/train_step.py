@@ -1,18 +1,21 @@
 """Train-step benchmark: the vertjax U-Net step against the same network in PyTorch.
 
-    python -m benchmarks.train_step [--features 16 32] [--batch 8] [--json FILE]
+    python -m benchmarks.train_step [--features=16,32] [--batch=8] [--json=FILE]
 
 One step = forward, loss, backward and an Adam update on a batch of
-[B, 264, 264, 1] images with [B, 264, 264, 13] targets. The network is the
-one `configs/default.py` trains (depth, norm, up-sampling, channel cap);
-`--depth`, `--norm`, `--upsample` and `--max-features` override it. vertjax: `jax.jit`
-of `vertjax.models.UNet` + `vertjax.losses.get(loss)` + `optax.adam`, with the
-train state donated. PyTorch: `torch_reference.UNet` (same layers and
-parameter count, channels_last, same up-sampling), eager, `torch.optim.Adam`.
-Both sides are timed in alternation. A second table gives each loss's
-train-step time and its overhead over mse (same network, base 16). With
-`--baseline DIR`, the models.py and losses.py in DIR (e.g. an earlier
-version of vertjax's) are timed alongside as a third contender.
+[B, 264, 264, 1] images with [B, 264, 264, 13] targets, for each base width
+in `--features` (a comma-separated list of ints, an absl list flag). The
+network is the one `configs/default.py` trains (depth, norm, up-sampling,
+channel cap); `--depth`, `--norm`, `--upsample` and `--max_features`
+override it. vertjax: `jax.jit` of `vertjax.models.UNet` +
+`vertjax.losses.get(loss)` + `optax.adam`, with the train state donated.
+PyTorch: `torch_reference.UNet` (same layers and parameter count,
+channels_last, same up-sampling), eager, `torch.optim.Adam` (`--notorch`
+skips it). Both sides are timed in alternation. A second table gives each
+loss's train-step time and its overhead over mse (same network, the first
+base width; `--noloss_table` skips it). With `--baseline=DIR`, the
+models.py and losses.py in DIR (e.g. an earlier version of vertjax's) are
+timed alongside as a third contender.
 
 The targets are fixed Gaussians rendered once (`vertjax.heatmaps.render`):
 the step measured here is the network + loss + optimiser, not the input
@@ -21,16 +24,19 @@ pipeline or on-device augmentation (see benchmarks/input_pipeline.py).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 
 from benchmarks import common
 from configs import default as default_config
+
+FLAGS = flags.FLAGS
 
 K = 13
 
@@ -62,7 +68,7 @@ def load_modules(directory: str | None) -> tuple[Any, Any]:
         path = os.path.join(directory, f"{name}.py")
         spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
         if spec is None or spec.loader is None or not os.path.exists(path):
-            raise FileNotFoundError(f"--baseline {directory}: no {name}.py there")
+            raise FileNotFoundError(f"--baseline={directory}: no {name}.py there")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         loaded.append(module)
@@ -167,66 +173,55 @@ def _numpy_targets(data: dict[str, np.ndarray], size: int, sigma: float = 3.0) -
     return (g * data["labeled"][:, None, None, :]).astype(np.float32)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    common.ensure_malloc_tuning()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--features", type=int, nargs="+", default=[16, 32])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=264)
-    parser.add_argument("--loss", default="l2", help="loss of the vertjax-vs-PyTorch table")
+def define_flags() -> None:
+    common.define_list_flag("features", [16, 32], "Base widths, comma-separated: --features=16,32.")
+    common.define_batch_flag("Images per train step.")
+    flags.DEFINE_integer("size", 264, "Image side in pixels.")
+    flags.DEFINE_string("loss", "l2", "loss of the vertjax-vs-PyTorch table")
     recipe = default_config.get_config().model
-    parser.add_argument("--depth", type=int, default=recipe.depth)
-    parser.add_argument("--norm", default=recipe.norm)
-    parser.add_argument("--upsample", default=recipe.upsample)
-    parser.add_argument(
-        "--max-features", type=int, default=recipe.max_features, help="channel cap (0: none)"
-    )
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--loss-repeats", type=int, default=10)
-    parser.add_argument(
-        "--baseline", default=None, help="dir with models.py, losses.py to time too"
-    )
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--torch-device", default=None, help="default: cuda on a GPU, else cpu")
-    parser.add_argument("--no-loss-table", action="store_true")
-    parser.add_argument("--json", default=None, help="write the results to this file")
-    parser.add_argument("--no-malloc-tuning", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    flags.DEFINE_integer("depth", recipe.depth, "U-Net depth.")
+    flags.DEFINE_string("norm", recipe.norm, "U-Net normalisation.")
+    flags.DEFINE_string("upsample", recipe.upsample, "U-Net up-sampling.")
+    flags.DEFINE_integer("max_features", recipe.max_features, "channel cap (0: none)")
+    common.define_repeats_flag(5)
+    flags.DEFINE_integer("loss_repeats", 10, "Timed rounds of the per-loss table.", lower_bound=1)
+    flags.DEFINE_string("baseline", None, "dir with models.py, losses.py to time too")
+    flags.DEFINE_bool("loss_table", True, "Also time the train step with each loss.")
+    common.define_timing_flags(torch=True)
 
-    info = common.machine_info()
-    print(common.describe(info))
+
+def main(argv: Sequence[str]) -> None:
+    info = common.start_timing(argv)
     model_kwargs = dict(
-        depth=args.depth,
-        norm=args.norm,
-        upsample=args.upsample,
-        max_features=args.max_features or None,
+        depth=FLAGS.depth,
+        norm=FLAGS.norm,
+        upsample=FLAGS.upsample,
+        max_features=FLAGS.max_features or None,
     )
-    data = make_batch(args.batch, args.size)
-    have_torch = not args.no_torch and info.get("torch") is not None
-    args.torch_device = args.torch_device or common.default_torch_device()
-    if not have_torch and not args.no_torch:
-        print("note: torch is not installed; the PyTorch column is skipped (pip install .[bench])")
-
-    results: dict[str, Any] = {"machine": info, "args": vars(args), "network": [], "losses": []}
+    data = make_batch(FLAGS.batch, FLAGS.size)
+    torch_device = common.torch_device(info)
+    features_list = common.list_value("features")
+    settings = {**common.flag_values(), "features": features_list, "torch_device": torch_device}
+    results: dict[str, Any] = {"machine": info, "args": settings, "network": [], "losses": []}
     rows = []
-    for features in args.features:
+    for features in features_list:
         contenders = {}
-        jax_run, jax_params = vertjax_step(features, args.loss, data, model_kwargs)
+        jax_run, jax_params = vertjax_step(features, FLAGS.loss, data, model_kwargs)
         contenders["vertjax"] = jax_run
-        if args.baseline:
+        if FLAGS.baseline:
             contenders["baseline"] = vertjax_step(
-                features, args.loss, data, model_kwargs, load_modules(args.baseline)
+                features, FLAGS.loss, data, model_kwargs, load_modules(FLAGS.baseline)
             )[0]
         torch_params = None
-        if have_torch:
+        if torch_device is not None:
             torch_run, torch_params = torch_step(
-                features, args.loss, data, model_kwargs, args.torch_device
+                features, FLAGS.loss, data, model_kwargs, torch_device
             )
             contenders["torch"] = torch_run
-        samples = common.time_interleaved(contenders, repeats=args.repeats, warmup=2)
+        samples = common.time_interleaved(contenders, repeats=FLAGS.repeats, warmup=2)
         jax_s = common.stats(samples["vertjax"])
-        torch_s = common.stats(samples["torch"]) if have_torch else None
-        base_s = common.stats(samples["baseline"]) if args.baseline else None
+        torch_s = common.stats(samples["torch"]) if torch_device else None
+        base_s = common.stats(samples["baseline"]) if FLAGS.baseline else None
         speedup = torch_s["median_s"] / jax_s["median_s"] if torch_s else None
         rows.append(
             [
@@ -254,10 +249,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
         )
     print(
-        f"\ntrain step, batch {args.batch} x {args.size}^2, loss {args.loss}, "
-        f"UNet(depth={args.depth}, norm={args.norm}, upsample={args.upsample}, "
-        f"max_features={args.max_features or None}), "
-        f"median of {args.repeats} (s)"
+        f"\ntrain step, batch {FLAGS.batch} x {FLAGS.size}^2, loss {FLAGS.loss}, "
+        f"UNet(depth={FLAGS.depth}, norm={FLAGS.norm}, upsample={FLAGS.upsample}, "
+        f"max_features={FLAGS.max_features or None}), "
+        f"median of {FLAGS.repeats} (s)"
     )
     print(
         common.format_table(
@@ -277,12 +272,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     )
 
-    if not args.no_loss_table:
+    if FLAGS.loss_table:
         contenders = {
-            name: vertjax_step(args.features[0], name, data, model_kwargs)[0]
+            name: vertjax_step(features_list[0], name, data, model_kwargs)[0]
             for name in ("mse", "l1", "l2", "l3")
         }
-        samples = common.time_interleaved(contenders, repeats=args.loss_repeats, warmup=2)
+        samples = common.time_interleaved(contenders, repeats=FLAGS.loss_repeats, warmup=2)
         base = common.stats(samples["mse"])["median_s"]
         loss_rows = []
         for name, times in samples.items():
@@ -291,15 +286,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             loss_rows.append([name, s["median_s"], s["min_s"], overhead])
             results["losses"].append({"loss": name, **s, "overhead_over_mse_pct": overhead})
         print(
-            f"\nvertjax train step per loss, features {args.features[0]}, "
-            f"median of {args.loss_repeats} (s)"
+            f"\nvertjax train step per loss, features {features_list[0]}, "
+            f"median of {FLAGS.loss_repeats} (s)"
         )
         print(common.format_table(["loss", "step s", "(min)", "over mse %"], loss_rows))
 
-    if args.json:
-        common.write_json(args.json, results)
-    return results
+    if FLAGS.json:
+        common.write_json(FLAGS.json, results)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

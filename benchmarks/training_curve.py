@@ -1,4 +1,4 @@
-"""Training speed and time to accuracy of finished (or running) training runs.
+r"""Training speed and time to accuracy of finished (or running) training runs.
 
 For each run folder: training images per second, and the wall-clock minutes
 from the start of training to the first validation at or above each
@@ -6,9 +6,10 @@ accuracy mark (80 % and 90 % by default), read from the run's TensorBoard
 events (each carries its wall time) and its config. Optionally plots
 validation ID accuracy against minutes.
 
-Command:
+Command (the run folders, then the flags; `--marks` takes a comma-separated
+list of floats, an absl list flag, e.g. `--marks=0.8,0.9`):
   python -m benchmarks.training_curve runs/aasce_fov_seed0 runs/aasce_fov_seed1 \
-      --plot docs/results/aasce_fov_curve.png --json /tmp/curve.json
+      --plot=docs/results/aasce_fov_curve.png --json=/tmp/curve.json
 
 Minutes count from the TensorBoard writer's creation, just before the first
 step (data opened, network initialised), and include compilation and the
@@ -18,15 +19,19 @@ side by side only with that said.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import statistics
 import struct
+from collections.abc import Sequence
 from typing import Any
 
+from absl import app, flags
+
 from benchmarks import common
+
+FLAGS = flags.FLAGS
 
 MARKS = (0.8, 0.9)
 ACCURACY_TAG = "validation/id_accuracy"
@@ -129,32 +134,42 @@ def plot(results: list[dict[str, Any]], path: str, marks: tuple[float, ...]) -> 
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="training run folders")
-    parser.add_argument("--marks", type=float, nargs="+", default=list(MARKS))
-    parser.add_argument("--plot", help="PNG of validation ID accuracy against minutes")
-    parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
-    marks = tuple(args.marks)
-    results = [summarize(run, marks) for run in args.runs]
+def _reached(minutes: float | None) -> float | str:
+    return "not reached" if minutes is None else minutes
+
+
+def define_flags() -> None:
+    common.define_list_flag(
+        "marks", MARKS, "Accuracy marks, comma-separated: --marks=0.8,0.9.", kind=float
+    )
+    flags.DEFINE_string("plot", None, "PNG of validation ID accuracy against minutes")
+    common.define_json_flag()
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) < 2:
+        raise app.UsageError("give one or more training run folders, then the flags")
+    marks = tuple(common.list_value("marks", float))
+    results = [summarize(run, marks) for run in argv[1:]]
     rows = [
         [
             r["run"],
             r["images_per_second"],
             f"{100 * r['best_id_accuracy']:.1f} %" if r["best_id_accuracy"] is not None else "-",
-            *[r[f"minutes_to_{round(m * 100)}"] or "not reached" for m in marks],
+            *[_reached(r[f"minutes_to_{round(m * 100)}"]) for m in marks],
         ]
         for r in results
     ]
     headers = ["run", "images/s", "best val ID acc", *[f"min to {round(m * 100)} %" for m in marks]]
-    print(common.describe(common.machine_info()))
+    info = common.machine_info()
+    print(common.describe(info))
     print(common.format_table(headers, rows))
-    if args.plot:
-        plot(results, args.plot, marks)
-    if args.json:
-        common.write_json(args.json, {"machine": common.machine_info(), "runs": results})
+    if FLAGS.plot:
+        plot(results, FLAGS.plot, marks)
+    if FLAGS.json:
+        common.write_json(FLAGS.json, {"machine": info, "runs": results})
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -39,10 +39,12 @@ from tfds_builder.spine_radiographs import folder as folder_source
 from vertjax import (
     checkpoints,
     config_checks,
-    data,
+    datasets,
     evaluate,
     imaging,
+    inference,
     predict,
+    runs,
     train,
     vertebrae,
 )
@@ -263,7 +265,7 @@ def test_odd_valid_images_build_into_a_dataset(tmp_path, write_dicom):
         | {"split": "train"}
     )
     _write_csv(root, rows)
-    builder = data.get_builder("folder", data_dir=str(tmp_path / "tfds"), manual_dir=str(root))
+    builder = datasets.get_builder("folder", data_dir=str(tmp_path / "tfds"), manual_dir=str(root))
     source = builder.as_data_source("train")
     records = {_text(source[i]["image_id"]): source[i] for i in range(len(source))}
     assert sorted(records) == ["deep.png", "m1.dcm", "pal.png", "rgb.png", "rotated.png"]
@@ -411,7 +413,7 @@ def test_bad_folder_names_file_row_and_fault_and_builds_nothing(tmp_path, case):
     expected = _bad_csv(root, case)
     data_dir = tmp_path / "tfds"
     with pytest.raises(folder_source.FolderError) as info:
-        data.get_builder("folder", data_dir=str(data_dir), manual_dir=str(root))
+        datasets.get_builder("folder", data_dir=str(data_dir), manual_dir=str(root))
     assert expected in str(info.value)
     assert not data_dir.exists()
 
@@ -427,8 +429,8 @@ def test_data_build_cli_refuses_bad_labels_and_bad_pixels(tmp_path, write_dicom)
     rows.append({"image": "scan.dcm", "participant": "p", "vertebra": "L4", "x": 5, "y": 5})
     _write_csv(pixels, [dict(r, split="train") for r in rows])
     for manual, message in (
-        (labels, f"error: {expected}"),
-        (pixels, f"error: {pixels / 'scan.dcm'}: DICOM has no pixel data"),
+        (labels, f"vertjax: {expected}"),
+        (pixels, f"vertjax: {pixels / 'scan.dcm'}: DICOM has no pixel data"),
     ):
         data_dir = tmp_path / f"tfds_{manual.name}"
         done = _run(
@@ -446,14 +448,14 @@ def _save_checkpoint(workdir: Path, config, *, params_config=None) -> None:
     """Checkpoint 6 of `config` in workdir, with random weights of `params_config`'s
     model (default: the same config), drawn without compiling the U-Net."""
     shapes = jax.eval_shape(
-        lambda: train.create_train_state(params_config or config, jax.random.key(0))
+        lambda: runs.create_train_state(params_config or config, jax.random.key(0))
     )
     rng = np.random.default_rng(0)
     params = jax.tree.map(
         lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype), shapes.params
     )
     state = train_state.TrainState.create(
-        apply_fn=None, params=params, tx=train.make_optimizer(config)
+        apply_fn=None, params=params, tx=runs.make_optimizer(config)
     )
     ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"), keep=1)
     ckpt.save(
@@ -482,7 +484,7 @@ def dataset(tmp_path_factory):
             for k, name in enumerate(vertebrae.NAMES)
         ]
     _write_csv(root, rows)
-    data.get_builder("folder", data_dir=str(base / "tfds"), manual_dir=str(root))
+    datasets.get_builder("folder", data_dir=str(base / "tfds"), manual_dir=str(root))
     config = test_config.get_config()
     config.dataset.name = "folder"
     config.dataset.manual_dir = str(root)
@@ -556,7 +558,7 @@ def test_predict_refuses_a_checkpoint_of_a_different_model_shape(tmp_path, datas
     config.model.features = 8
     _save_checkpoint(tmp_path, config, params_config=dataset[0])
     with pytest.raises(ValueError) as info:
-        predict.load_model(tmp_path, "latest")
+        inference.load(workdir=tmp_path, checkpoint="latest")
     message = str(info.value)
     assert message.startswith(f"checkpoint 6 of {tmp_path / 'checkpoints'} does not fit this model")
     assert re.search(r"params\.\S+ is \(3, 3, 1, 4\) in the checkpoint and \(3, 3, 1, 8\)", message)
@@ -581,7 +583,7 @@ def test_predict_refuses_a_damaged_checkpoint(tmp_path, run_dir, damage, message
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     pattern = re.escape(f"checkpoint 6 of {workdir / 'checkpoints'}") + ".*" + re.escape(message)
     with pytest.raises(ValueError, match=pattern):
-        predict.load_model(workdir, "latest")
+        inference.load(workdir=workdir, checkpoint="latest")
 
 
 # --- configs and checkpoints of the trainer ------------------------------------------------
@@ -651,7 +653,7 @@ def _unknown_dataset(config):
 def test_bad_config_is_refused_before_anything_is_written(tmp_path, dataset, change, message):
     config = change(dataset[0].copy_and_resolve_references())
     workdir = tmp_path / "run"
-    with pytest.raises((ValueError, data.DataError), match=re.escape(message)):
+    with pytest.raises((ValueError, datasets.DataError), match=re.escape(message)):
         train.train(config, str(workdir))
     assert not workdir.exists()
 

@@ -20,7 +20,7 @@ from PIL import Image
 from tfds_builder.spine_radiographs import aasce, fov, records
 from tfds_builder.spine_radiographs import folder as folder_source
 from tfds_builder.spine_radiographs import spine_radiographs_dataset_builder as sr
-from vertjax import data, vertebrae
+from vertjax import datasets, vertebrae
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY = REPO / "tfds_builder" / "spine_radiographs" / "dummy_data"
@@ -307,7 +307,9 @@ def test_folder_reader_and_build(tmp_path, write_dicom):
     assert images["negative.png"].labeled.sum() == 0
     assert images["scans/b1.dcm"].size == (90, 70)
 
-    builder = data.get_builder("folder", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+    builder = datasets.get_builder(
+        "folder", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual)
+    )
     spec = builder.info.features
     for key, (shape, dtype) in SPEC.items():
         assert spec[key].shape == shape and spec[key].np_dtype == dtype, key
@@ -337,7 +339,7 @@ def test_folder_reader_and_build(tmp_path, write_dicom):
     # Statistics: exactly the train split's pixels, persisted and reloaded.
     train = np.concatenate([np.asarray(r["image"], float).ravel() for r in by_split["train"]])
     reloaded = tfds.builder("spine_radiographs/folder", data_dir=str(tmp_path / "tfds"))
-    assert data.pixel_stats(reloaded) == pytest.approx((train.mean(), train.std()))
+    assert datasets.pixel_stats(reloaded) == pytest.approx((train.mean(), train.std()))
     metadata = json.loads((Path(builder.data_dir) / "metadata.json").read_text())
     assert set(metadata) == {"pixel_mean", "pixel_std"}
 
@@ -427,7 +429,7 @@ def test_folder_bad_input_names_file_row_and_fault(tmp_path, case):
     expected = _bad_folder(manual, case)
     data_dir = tmp_path / "tfds"
     with pytest.raises(folder_source.FolderError) as info:
-        data.get_builder("folder", data_dir=str(data_dir), manual_dir=str(manual))
+        datasets.get_builder("folder", data_dir=str(data_dir), manual_dir=str(manual))
     assert expected in str(info.value)
     assert _leftovers(data_dir, "folder") == []
     assert not (data_dir / "spine_radiographs").exists()
@@ -464,7 +466,7 @@ def test_failure_while_writing_leaves_no_dataset(tmp_path):
     _write_csv(manual, rows)
     data_dir = tmp_path / "tfds"
     with pytest.raises(Exception, match=r"b.png: unreadable image"):
-        data.get_builder("folder", data_dir=str(data_dir), manual_dir=str(manual))
+        datasets.get_builder("folder", data_dir=str(data_dir), manual_dir=str(manual))
     assert _leftovers(data_dir, "folder") == []
     assert not (data_dir / "spine_radiographs" / "folder").exists()
 
@@ -506,7 +508,7 @@ def test_cli_build_preview_and_error(tmp_path):
     )
     assert failed.returncode == 1
     assert "Traceback" not in failed.stderr
-    assert f"error: {bad / 'annotations.csv'} row 3: unknown vertebra 'T2'" in failed.stderr
+    assert f"vertjax: {bad / 'annotations.csv'} row 3: unknown vertebra 'T2'" in failed.stderr
 
 
 # --- synthetic and AASCE builds ---------------------------------------------------------------
@@ -546,9 +548,9 @@ def test_synthetic_build_schema_splits_and_determinism(tmp_path):
     assert len(labels) == 10 and all(np.all(v == 1) for v in labels.values())
     second = _tiny_synthetic(tmp_path / "two")
     assert _shards(first) == _shards(second) and _shards(first)
-    mean, std = data.pixel_stats(first)
+    mean, std = datasets.pixel_stats(first)
     assert 0 < mean < 255 and std > 0
-    assert data.pixel_stats(second) == (mean, std)
+    assert datasets.pixel_stats(second) == (mean, std)
 
 
 def test_synthetic_pool_matches_single_process():
@@ -573,7 +575,7 @@ def _aasce_manual_dir(tmp_path):
 @pytest.mark.parametrize("config", ["aasce", "aasce_fov"])
 def test_aasce_build_on_dummy_data(tmp_path, config):
     manual = _aasce_manual_dir(tmp_path)
-    builder = data.get_builder(config, data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+    builder = datasets.get_builder(config, data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
     by_split = _records(builder)
     assert "test" not in by_split  # no data/test in the manual dir
     flat = [r for recs in by_split.values() for r in recs]
@@ -607,7 +609,7 @@ def test_aasce_official_test_part_becomes_test_split(tmp_path):
     for name in ("dummy-1 B AP.jpg", "dummy-1 B AP.jpg.mat"):
         kind = "labels" if name.endswith(".mat") else "data"
         shutil.move(root / kind / "training" / name, root / kind / "test" / name)
-    builder = data.get_builder("aasce", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+    builder = datasets.get_builder("aasce", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
     by_split = _records(builder)
     test = sorted(_text(r["image_id"]) for r in by_split["test"])
     assert test == ["dummy-1 B AP", "dummy-3 A AP"]
@@ -626,13 +628,13 @@ import sys
 
 # The project must not depend on TensorFlow: it is not installed at all.
 assert importlib.util.find_spec("tensorflow") is None, "tensorflow is installed"
-from vertjax import data
-builder = data.get_builder("aasce_fov", data_dir={str(tmp_path)!r},
+from vertjax import datasets
+builder = datasets.get_builder("aasce_fov", data_dir={str(tmp_path)!r},
                            manual_dir={str(_aasce_manual_dir(tmp_path))!r})
 source = builder.as_data_source("train")
 record = source[0]
 assert record["image"].shape == (264, 264, 1), record["image"].shape
-assert data.pixel_stats(builder)[1] > 0
+assert datasets.pixel_stats(builder)[1] > 0
 import tensorflow_datasets as tfds
 again = tfds.data_source("spine_radiographs/aasce_fov", split="train", data_dir={str(tmp_path)!r})
 assert len(again) > 0 and again[0]["labeled"].shape == (13,)
@@ -672,7 +674,7 @@ def test_aasce_reader_on_real_files(tmp_path):
     for entry in entries:
         assert np.all(np.diff(entry.centroids[:, 1]) > 0)
     assert {e.participant_id for e in entries} >= {"aasce-162", "aasce-163", "aasce-255"}
-    builder = data.get_builder(
+    builder = datasets.get_builder(
         "aasce_fov", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "aasce")
     )
     by_split = _records(builder)
@@ -687,14 +689,14 @@ def test_aasce_reader_on_real_files(tmp_path):
 
 
 def test_get_builder_refusals(tmp_path):
-    with pytest.raises(data.DataError, match="is not built"):
-        data.get_builder("synthetic_small", data_dir=str(tmp_path), build=False)
-    with pytest.raises(data.DataError, match="unknown dataset config 'nope'"):
-        data.get_builder("nope", data_dir=str(tmp_path))
-    with pytest.raises(data.DataError, match="missing: manual directory not found"):
-        data.get_builder("folder", data_dir=str(tmp_path), manual_dir=str(tmp_path / "missing"))
-    with pytest.raises(data.DataError, match="needs --manual_dir"):
-        data.get_builder("folder", data_dir=str(tmp_path))
+    with pytest.raises(datasets.DataError, match="is not built"):
+        datasets.get_builder("synthetic_small", data_dir=str(tmp_path), build=False)
+    with pytest.raises(datasets.DataError, match="unknown dataset config 'nope'"):
+        datasets.get_builder("nope", data_dir=str(tmp_path))
+    with pytest.raises(datasets.DataError, match="missing: manual directory not found"):
+        datasets.get_builder("folder", data_dir=str(tmp_path), manual_dir=str(tmp_path / "missing"))
+    with pytest.raises(datasets.DataError, match="needs --manual_dir"):
+        datasets.get_builder("folder", data_dir=str(tmp_path))
     assert not (tmp_path / "spine_radiographs").exists()
 
 

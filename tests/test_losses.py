@@ -1,4 +1,6 @@
-"""Tests for vertjax.losses against hand-worked values and a slow loop reference."""
+"""Tests for vertjax.losses: hand-worked values, a pixel-loop reference, kernel == reference."""
+
+import functools
 
 import chex
 import jax
@@ -9,38 +11,34 @@ import pytest
 from vertjax import losses
 
 
-def reference_loss(name: str, targets: np.ndarray, predictions: np.ndarray, labeled: np.ndarray):
-    """Appendix B, pixel by pixel, straight from the table (first rule wins)."""
+def table_weights(name: str, targets: np.ndarray, labeled: np.ndarray) -> np.ndarray:
+    """Appendix B's weights [B, H, W, K], pixel by pixel from the table (first rule wins)."""
     b_size, height, width, k_size = targets.shape
-    out = np.zeros(b_size)
+    weights = np.ones(targets.shape)
     for b in range(b_size):
 
         def is_labelled(k, b=b):
             return 0 <= k < k_size and bool(labeled[b, k])
 
-        total = 0.0
         for k in range(k_size):
+            here, before, after = is_labelled(k), is_labelled(k - 1), is_labelled(k + 1)
             for i in range(height):
                 for j in range(width):
-                    y, p = float(targets[b, i, j, k]), float(predictions[b, i, j, k])
-                    if name == "mse":
-                        w = 1.0
-                    elif name == "l1":
-                        w = 10.0 if y >= 0.5 else 1.0
-                    else:
-                        hot = max(targets[b, i, j, :]) >= 0.5 if name == "l3" else y >= 0.5
-                        here, before, after = is_labelled(k), is_labelled(k - 1), is_labelled(k + 1)
-                        if hot:
-                            w = 10.0
-                        elif not here and not before and not after:
-                            w = 5.0
-                        elif not here and (before or after):
-                            w = 0.0
-                        else:
-                            w = 1.0
-                    total += w * (y - p) ** 2
-        out[b] = total / (height * width * k_size)
-    return out
+                    y = targets[b, i, j, :].max() if name == "l3" else targets[b, i, j, k]
+                    if name != "mse" and y >= 0.5:
+                        weights[b, i, j, k] = 10.0
+                    elif name in ("l2", "l3") and not here and not before and not after:
+                        weights[b, i, j, k] = 5.0
+                    elif name in ("l2", "l3") and not here and (before or after):
+                        weights[b, i, j, k] = 0.0
+    return weights
+
+
+def reference_loss(name: str, targets: np.ndarray, predictions: np.ndarray, labeled: np.ndarray):
+    """Per-example loss [B] in float64 from `table_weights`."""
+    error = targets.astype(np.float64) - predictions.astype(np.float64)
+    per_pixel = table_weights(name, targets, labeled) * error**2
+    return per_pixel.sum(axis=(1, 2, 3)) / np.prod(targets.shape[1:])
 
 
 def random_case(seed: int, b_size: int = 5, size: int = 5, k_size: int = 13):
@@ -58,13 +56,94 @@ def random_case(seed: int, b_size: int = 5, size: int = 5, k_size: int = 13):
     return targets, predictions, labeled
 
 
+def gaussian_case(seed: int, b_size: int = 4, size: int = 10, k_size: int = 13):
+    """Targets as training renders them: one Gaussian (peak up to 1.0) per labelled layer.
+
+    Rows: all labelled, none labelled, then random. Half the centres sit on a
+    pixel (value 1.0 there), the rest between pixels, so that values fill
+    (0, 1]; a few pixels hold values just at and above 0.5 in one layer only.
+    """
+    rng = np.random.default_rng(seed)
+    labeled = rng.uniform(size=(b_size, k_size)) < 0.5
+    labeled[0] = True
+    labeled[1] = False
+    centres = rng.uniform(0.0, size - 1.0, size=(b_size, k_size, 2))
+    centres[:, ::2] = np.round(centres[:, ::2])
+    sigma = rng.uniform(1.0, 2.5, size=(b_size, k_size))
+    grid = np.arange(size, dtype=np.float64)
+    dy = grid[None, :, None, None] - centres[:, None, None, :, 0]
+    dx = grid[None, None, :, None] - centres[:, None, None, :, 1]
+    gauss = np.exp(-(dy**2 + dx**2) / (2.0 * sigma[:, None, None, :] ** 2))
+    targets = (gauss * labeled[:, None, None, :]).astype(np.float32)
+    targets[2:, 0, 0, 3] = 0.5
+    targets[2:, 0, 1, 3] = 0.55
+    predictions = (targets + rng.normal(0.0, 0.3, size=targets.shape)).astype(np.float32)
+    return targets, predictions, labeled
+
+
+def test_gaussian_case_exercises_rule_1():
+    targets, _, labeled = gaussian_case(0)
+    assert labeled[0].all() and not labeled[1].any() and labeled[2:].any()
+    assert targets.max() == 1.0
+    peak = targets.max(axis=-1, keepdims=True)
+    # Pixels where l3's shared test differs from the layer's own test, and
+    # all-layer maxima between 0.5 and 0.6.
+    assert np.any((peak >= 0.5) & (targets < 0.5) & labeled[:, None, None, :])
+    assert np.any((peak >= 0.5) & ~labeled[:, None, None, :])
+    assert np.any((peak >= 0.5) & (peak < 0.6))
+
+
+@pytest.mark.parametrize("make", [losses.get, losses.reference], ids=["kernel", "reference"])
 @pytest.mark.parametrize("name", losses.NAMES)
-def test_matches_loop_reference_on_random_inputs(name):
+def test_matches_loop_reference_on_random_inputs(name, make):
     for seed in range(3):
         targets, predictions, labeled = random_case(seed)
-        got = losses.get(name)(predictions=predictions, targets=targets, labeled=labeled)
+        got = make(name)(predictions=predictions, targets=targets, labeled=labeled)
         want = reference_loss(name, targets, predictions, labeled)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", losses.NAMES)
+def test_kernel_matches_reference_in_value_and_gradient(name):
+    @functools.partial(jax.jit, static_argnums=0)
+    def value_and_grads(fn, predictions, targets, labeled, cotangent):
+        value, pullback = jax.vjp(
+            lambda p, y: fn(predictions=p, targets=y, labeled=labeled), predictions, targets
+        )
+        return (value, *pullback(cotangent))
+
+    kernel, reference = losses.get(name), losses.reference(name)
+    rng = np.random.default_rng(0)
+    for case in (gaussian_case(0), gaussian_case(1), random_case(0)):
+        targets, predictions, labeled = (jnp.asarray(a) for a in case)
+        cotangent = jnp.asarray(rng.uniform(0.5, 2.0, size=labeled.shape[0]), jnp.float32)
+        got = value_and_grads(kernel, predictions, targets, labeled, cotangent)
+        want = value_and_grads(reference, predictions, targets, labeled, cotangent)
+        for what, g, w in zip(("value", "d/dp", "d/dy"), got, want, strict=True):
+            g, w = np.asarray(g), np.asarray(w)
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(), err_msg=what)
+
+
+@pytest.mark.parametrize("name", losses.NAMES)
+def test_gradient_is_twice_table_weight_times_error(name):
+    # d/dp of the batch sum is 2 w (p - y) / (H W K), w straight from the table.
+    for seed in range(2):
+        targets, predictions, labeled = gaussian_case(seed)
+        grad = jax.jit(
+            jax.grad(
+                lambda p, y, lab: jnp.sum(losses.get(name)(predictions=p, targets=y, labeled=lab))
+            )
+        )(predictions, targets, labeled)
+        error = predictions.astype(np.float64) - targets
+        want = 2.0 * table_weights(name, targets, labeled) * error / targets[0].size
+        np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", losses.NAMES)
+def test_weights_match_table(name):
+    for targets, _, labeled in (gaussian_case(0), random_case(0)):
+        got = losses.weights(name, targets=targets, labeled=labeled)
+        np.testing.assert_array_equal(np.asarray(got), table_weights(name, targets, labeled))
 
 
 def test_hand_computed_values():
@@ -165,8 +244,11 @@ def test_l3_punishes_hotspot_copied_into_another_layer():
 
 
 def test_unknown_name_lists_valid_ones():
+    for make in (losses.get, losses.reference, losses.rule_for):
+        with pytest.raises(ValueError, match=r"unknown loss 'l4': expected one of mse, l1, l2, l3"):
+            make("l4")
     with pytest.raises(ValueError, match="mse, l1, l2, l3"):
-        losses.get("l4")
+        losses.weights("l4", targets=np.zeros((1, 2, 2, 3)), labeled=np.ones((1, 3), bool))
 
 
 def test_bad_shapes_raise():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from vertjax import checkpoints, evaluate, run_log, train
+from vertjax import checkpoints, evaluate, run_log, runs, sharding
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {
@@ -33,17 +33,27 @@ RESULT_KEYS = {
     "train_seconds",
     "per_vertebra",
 }
-# Dies like SIGKILL right after checkpoint 3 is on disk.
-_KILLED_AFTER_3 = """
-import os, sys
+# The command, with validation ID accuracy 0.9 at step 3 and 0.1 at step 6
+# (the test config's two validations) whatever the model scores: the best
+# checkpoint is then 3, the latest 6. The final test evaluation keeps its
+# real scores.
+_SCRIPTED_VALIDATION = """
+import sys
 from absl import app
-from vertjax import checkpoints, main
-save = checkpoints.Checkpointer.save
-def save_then_die(self, step, **kwargs):
-    save(self, step, **kwargs)
-    if step == 3:
-        os._exit(137)
-checkpoints.Checkpointer.save = save_then_die
+from vertjax import evaluate, main, train
+run, train_run = evaluate.Evaluator.run, train.train
+scores = []  # filled while training only
+def scripted_run(self, *args, **kwargs):
+    summary = run(self, *args, **kwargs)
+    return {**summary, 'id_accuracy': scores.pop(0)} if scores else summary
+def scripted_train(*args, **kwargs):
+    scores[:] = [0.9, 0.1]
+    try:
+        return train_run(*args, **kwargs)
+    finally:
+        scores.clear()
+evaluate.Evaluator.run = scripted_run
+train.train = scripted_train
 sys.argv = ['vertjax.main'] + sys.argv[1:]
 app.run(main.main)
 """
@@ -86,9 +96,9 @@ def trained(tmp_path_factory, env, data_dir):
 
 def _params(workdir, step):
     config = test_config.get_config()
-    mesh = train.make_mesh(1)
+    mesh = sharding.make_mesh(1)
     ckpt = checkpoints.Checkpointer(str(Path(workdir) / "checkpoints"), keep=1)
-    state, _ = ckpt.restore(step, state=train.abstract_train_state(config, mesh))
+    state, _ = ckpt.restore(step, state=runs.abstract_train_state(config, mesh))
     ckpt.close()
     return jax.device_get(state.params)
 
@@ -139,26 +149,65 @@ def test_evaluate_mode_reads_the_chosen_checkpoint(trained, tmp_path, env, data_
     assert not (workdir / "checkpoints" / "7").exists()
 
 
-def test_killed_run_resumes_to_the_same_parameters(trained, tmp_path, env, data_dir):
+def _checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_rerun_of_a_finished_run_only_evaluates(trained, tmp_path, env, data_dir):
     workdir = tmp_path / "run"
-    _run(env, data_dir, workdir, script=_KILLED_AFTER_3, expect=137)
-    ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"))
-    assert ckpt.all_steps() == [3]
-    ckpt.close()
+    shutil.copytree(trained[0], workdir)
+    metrics_log = (workdir / run_log.METRICS_FILE).read_text()
+    saved = {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*")}
+    results = json.loads((workdir / evaluate.RESULTS_JSON).read_text())
+    (workdir / evaluate.RESULTS_JSON).unlink()
+    (workdir / evaluate.RESULTS_MD).unlink()
     log = _run(env, data_dir, workdir)
-    assert "training steps 4 to 6" in log
-    resumed, uninterrupted = _params(workdir, 6), _params(trained[0], 6)
-    jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
-    a = json.loads((workdir / evaluate.RESULTS_JSON).read_text())
-    b = json.loads((trained[0] / evaluate.RESULTS_JSON).read_text())
-    assert {k: v for k, v in a.items() if k != "train_seconds"} == {
-        k: v for k, v in b.items() if k != "train_seconds"
+    assert "at step 6" in log and "training steps" not in log
+    # No step ran: no checkpoint written or removed, no line logged.
+    assert _checkpoint_steps(workdir) == _checkpoint_steps(trained[0])
+    assert {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*")} == saved
+    assert (workdir / run_log.METRICS_FILE).read_text() == metrics_log
+    # The evaluation ran again and wrote the same results.
+    assert json.loads((workdir / evaluate.RESULTS_JSON).read_text()) == results
+    assert (workdir / evaluate.RESULTS_MD).read_text() == (
+        trained[0] / evaluate.RESULTS_MD
+    ).read_text()
+
+
+@pytest.fixture(scope="module")
+def best_before_latest(tmp_path_factory, env, data_dir):
+    """A finished 6-step run whose validation ranks checkpoint 3 above the latest, 6."""
+    workdir = tmp_path_factory.mktemp("best_before_latest") / "run"
+    _run(env, data_dir, workdir, script=_SCRIPTED_VALIDATION)
+    return workdir
+
+
+def test_final_evaluation_uses_the_best_checkpoint(best_before_latest):
+    workdir = best_before_latest
+    validation = {
+        e["step"]: e["id_accuracy"]
+        for e in run_log.read_metrics(str(workdir))
+        if e["kind"] == "validation"
     }
-    losses = [
-        [e["loss"] for e in run_log.read_metrics(str(w)) if e["kind"] == "train"]
-        for w in (workdir, trained[0])
-    ]
-    assert losses[0] == losses[1]
+    assert validation == {3: 0.9, 6: 0.1}
+    ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"), read_only=True)
+    try:
+        assert ckpt.all_steps() == [3, 6] and ckpt.best_step() == 3
+    finally:
+        ckpt.close()
+    results = json.loads((workdir / evaluate.RESULTS_JSON).read_text())
+    assert (results["split"], results["steps"]) == ("test", 3)
+
+
+def test_final_evaluation_uses_the_latest_checkpoint_when_configured(
+    best_before_latest, tmp_path, env, data_dir
+):
+    workdir = tmp_path / "run"
+    shutil.copytree(best_before_latest, workdir)
+    log = _run(env, data_dir, workdir, "--config.eval_checkpoint=latest")
+    assert "training steps" not in log
+    results = json.loads((workdir / evaluate.RESULTS_JSON).read_text())
+    assert (results["split"], results["steps"]) == ("test", 6)
 
 
 def test_config_faults_exit_with_a_message(tmp_path, env, data_dir):
@@ -169,8 +218,8 @@ def test_config_faults_exit_with_a_message(tmp_path, env, data_dir):
 def test_evaluate_without_checkpoints_is_a_clear_error(tmp_path, data_dir):
     config = test_config.get_config()
     config.dataset.data_dir = data_dir
-    with pytest.raises(ValueError, match="no checkpoints directory; train first"):
-        train.evaluate_checkpoint(config, str(tmp_path), split="test")
+    with pytest.raises(ValueError, match="no checkpoints folder .*train first"):
+        evaluate.evaluate_checkpoint(config, str(tmp_path), split="test")
 
 
 def test_init_from_a_run_starts_from_its_weights(trained, tmp_path, env, data_dir):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vertjax import models
+from configs import test as test_config
+from vertjax import config_checks, models
 
 # These tests check shapes and gradients, not speed: XLA's backend optimisation
 # costs more CPU time in compiling a U-Net than the tests spend running it.
@@ -90,93 +91,20 @@ def test_padding_keeps_image_content_aligned():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "field, value, message",
     [
-        ({"norm": "batch"}, "group, layer, none"),
-        ({"upsample": "bilinear"}, "resize, transpose"),
-        ({"depth": 7}, "between 1 and 6"),
+        ("norm", "batch", "config.model.norm: unknown norm 'batch': expected one of group, layer"),
+        ("upsample", "bilinear", "unknown upsample 'bilinear': expected one of resize, transpose"),
+        ("activation", "tanh", "unknown activation 'tanh'"),
+        ("dtype", "float16", "unknown dtype 'float16': expected one of bfloat16, float32"),
+        ("depth", 7, "config.model.depth must be between 1 and 6"),
     ],
 )
-def test_bad_options_raise(kwargs, message):
+def test_bad_model_options_are_refused_by_the_config_checks(field, value, message):
+    config = test_config.get_config()
+    config.model[field] = value
     with pytest.raises(ValueError, match=message):
-        models.tiny(**kwargs).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
-
-
-# The layers vertjax writes out for speed must compute what flax's and jax's
-# own layers compute, gradients included.
-
-
-def _grad_of_weighted_sum(fn, x):
-    weights = jax.random.normal(jax.random.PRNGKey(7), jax.eval_shape(fn, x).shape)
-    return jax.grad(lambda v: jnp.sum(fn(v) * weights))(x)
-
-
-def test_max_pool_matches_flax_including_ties():
-    import flax.linen as nn
-
-    # Integers in a small range give many tied maxima in the 2x2 windows.
-    x = jax.random.randint(jax.random.PRNGKey(0), (2, 6, 8, 3), 0, 3).astype(jnp.float32)
-    reference = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
-    np.testing.assert_array_equal(models.max_pool_2x2(x), reference(x))
-    np.testing.assert_array_equal(
-        _grad_of_weighted_sum(models.max_pool_2x2, x), _grad_of_weighted_sum(reference, x)
-    )
-
-
-def test_upsample_matches_nearest_resize():
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 3))
-
-    def reference(v):
-        return jax.image.resize(v, (2, 10, 14, 3), method="nearest")
-
-    np.testing.assert_array_equal(models.upsample_2x(x), reference(x))
-    # The gradient sums each 2x2 block, in another order than the scatter-add.
-    np.testing.assert_allclose(
-        _grad_of_weighted_sum(models.upsample_2x, x),
-        _grad_of_weighted_sum(reference, x),
-        rtol=1e-6,
-        atol=1e-6,
-    )
-
-
-@pytest.mark.parametrize(
-    "ours, theirs",
-    [
-        (lambda: models.GroupNorm(num_groups=4), "GroupNorm"),
-        (lambda: models.ConvTranspose2x2(5), "ConvTranspose"),
-    ],
-    ids=["group_norm", "conv_transpose"],
-)
-def test_layers_match_flax(ours, theirs):
-    import flax.linen as nn
-
-    reference = {
-        "GroupNorm": lambda: nn.GroupNorm(num_groups=4),
-        "ConvTranspose": lambda: nn.ConvTranspose(5, (2, 2), strides=(2, 2)),
-    }[theirs]()
-    layer = ours()
-    x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 6, 10, 8)) + 1.0
-    # The same parameter tree and initial values: checkpoints carry over.
-    params = reference.init(jax.random.PRNGKey(1), x)
-    mine = layer.init(jax.random.PRNGKey(1), x)
-    assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, params)
-    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(params), strict=True):
-        np.testing.assert_array_equal(a, b)
-    # Random parameters so that the scale/bias and kernel gradients are general.
-    params = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
-    np.testing.assert_allclose(layer.apply(params, x), reference.apply(params, x), atol=2e-5)
-    for ours_grad, their_grad in [
-        (
-            _grad_of_weighted_sum(lambda v: layer.apply(params, v), x),
-            _grad_of_weighted_sum(lambda v: reference.apply(params, v), x),
-        ),
-        *zip(
-            jax.tree.leaves(jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, x))))(params)),
-            jax.tree.leaves(jax.grad(lambda p: jnp.sum(jnp.sin(reference.apply(p, x))))(params)),
-            strict=True,
-        ),
-    ]:
-        np.testing.assert_allclose(ours_grad, their_grad, rtol=1e-4, atol=1e-4)
+        config_checks.check(config)
 
 
 def test_transposed_up_sampling_keeps_the_parameter_names():

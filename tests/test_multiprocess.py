@@ -31,7 +31,7 @@ import pytest
 from absl import app
 
 from configs import test as test_config
-from vertjax import checkpoints, evaluate, input_pipeline, main, run_log, sharding, train
+from vertjax import checkpoints, evaluate, input_pipeline, main, run_log, runs, sharding, train
 
 REPO = Path(__file__).resolve().parents[1]
 S = 32
@@ -96,7 +96,7 @@ class _MemoryBuilder:
 
 def _child(process_id: str, port: str, workdir: str) -> None:
     """One process of the run (as a script): `vertjax.main` on the in-memory data."""
-    train.open_dataset = lambda config: _MemoryBuilder()
+    runs.open_dataset = lambda config, build=None: _MemoryBuilder()
     flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     flags += [
         "--config.mesh.distributed=True",
@@ -181,7 +181,7 @@ def _replay(config):
     """
     mesh = sharding.make_mesh(1)
     state = jax.device_put(
-        train.create_train_state(config, train.init_key(config.seed)), sharding.replicated(mesh)
+        runs.create_train_state(config, runs.init_key(config.seed)), sharding.replicated(mesh)
     )
     step_fn = train.make_train_step(config, mesh)
     rng = sharding.replicated_key(config.seed + 1, mesh)
@@ -265,7 +265,7 @@ def test_checkpoint_of_both_processes_restores_on_one_device(run):
     ckpt = checkpoints.Checkpointer(str(run.workdir / "checkpoints"), read_only=True)
     try:
         assert ckpt.latest_step() == STEPS
-        state, _ = ckpt.restore(STEPS, state=train.abstract_train_state(config, run.reference.mesh))
+        state, _ = ckpt.restore(STEPS, state=runs.abstract_train_state(config, run.reference.mesh))
     finally:
         ckpt.close()
     expected = run.reference.params[STEPS]
@@ -306,7 +306,7 @@ def test_resuming_with_another_process_count_is_refused(run):
         with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1"):
             ckpt.restore(
                 STEPS,
-                state=train.abstract_train_state(config, run.reference.mesh),
+                state=runs.abstract_train_state(config, run.reference.mesh),
                 data_iterator=iter(data),
             )
     finally:

@@ -1,6 +1,7 @@
 """Tests for vertjax.predict: inputs, coordinates, JSON/CSV/overlay outputs, the CLI."""
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vertjax import imaging, overlay, predict, vertebrae
+from vertjax import heatmaps, imaging, inference, overlay, predict, runs, vertebrae
+from vertjax import inputs as input_files
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 264
@@ -71,7 +73,7 @@ def _write_inputs(folder: Path) -> dict[str, tuple[float, float, float | None]]:
     return {name: (x0, y0, spacing) for name, x0, y0, spacing in FILES}
 
 
-def _identity_model(traces: list | None = None) -> predict.Model:
+def _identity_model(traces: list | None = None) -> inference.Predictor:
     """A stand-in network whose 13 heatmaps are its input image itself.
 
     Everything else (reading, resizing, normalisation, decoding, mapping to
@@ -84,7 +86,7 @@ def _identity_model(traces: list | None = None) -> predict.Model:
         grey = images * variables["scale"]  # undo the (x - 0) / 255 normalisation
         return jnp.repeat(grey, vertebrae.K, axis=-1)
 
-    return predict.Model(
+    return inference.Predictor(
         apply=apply,
         variables={"scale": jnp.float32(1.0)},
         image_size=SIZE,
@@ -104,7 +106,7 @@ def test_centroids_come_back_in_original_pixels(inputs, tmp_path):
     folder, truth = inputs
     traces = []
     out = tmp_path / "out"
-    files = predict.find_inputs([folder])
+    files = input_files.find_inputs([folder])
     outcome = predict.predict_files(_identity_model(traces), files, out, batch_size=3)
     assert outcome.failures == []
     # Two batches (3 + 1 padded), one compilation.
@@ -128,7 +130,7 @@ def test_centroids_come_back_in_original_pixels(inputs, tmp_path):
 def test_to_original_scales_each_axis_by_its_own_size():
     points = np.array([[0.0, 0.0], [264.0, 264.0], [132.0, 66.0]])
     np.testing.assert_allclose(
-        predict.to_original(points, width=1500, height=3600, size=264),
+        inference.to_original(points, width=1500, height=3600, size=264),
         [[0, 0], [1500, 3600], [750, 900]],
     )
 
@@ -140,7 +142,7 @@ def test_find_inputs_recurses_and_recognises_dicom_by_magic(inputs, tmp_path):
     (extra / "notes.txt").write_text("not an image")
     (extra / ".hidden.png").write_bytes(b"x")
     (extra / "deep" / "scan").write_bytes((folder / "mono2_no_suffix").read_bytes())
-    found = predict.find_inputs([folder, extra, folder / "upper.png", extra / "missing.png"])
+    found = input_files.find_inputs([folder, extra, folder / "upper.png", extra / "missing.png"])
     assert [p.name for p in found] == [*sorted(truth), "scan", "missing.png"]
 
 
@@ -152,7 +154,7 @@ def test_output_names_disambiguate_shared_stems(tmp_path):
         tmp_path / "b" / "y.png",
         tmp_path / "a__x_png.png",
     ]
-    names = predict.output_names(files)
+    names = input_files.output_names(files)
     assert names == ["a__x_png", "b__x_dcm", "b__X_tif", "y", "a__x_png-2"]
     assert len({n.lower() for n in names}) == len(names)
 
@@ -201,6 +203,93 @@ def test_overlay_marks_points_in_original_pixels():
     assert png.startswith(b"\x89PNG")
 
 
+EXPECTED_NAMES = ("T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4")
+# Where each layer of `_fixed_model` peaks (model pixel centres, x and y in
+# different orders) and how high (a confidence of its own, below and above
+# the 0.5 presence threshold): swapping any two layers moves their points.
+LAYER_XY = np.stack(
+    [20.5 + 17 * ((5 * np.arange(13)) % 13), 15.5 + 18 * np.arange(13)], axis=-1
+).astype(np.float32)
+LAYER_PEAK = (0.32 + 0.05 * np.arange(13)).astype(np.float32)
+
+
+def _fixed_model():
+    """A stand-in network whose layer k is a Gaussian of height LAYER_PEAK[k] at
+    LAYER_XY[k], whatever the image; the rest of prediction is the real code."""
+    maps = heatmaps.render(
+        jnp.asarray(LAYER_XY[None]), jnp.ones((1, 13), bool), height=SIZE, width=SIZE, sigma=3.0
+    ) * jnp.asarray(LAYER_PEAK)
+
+    def apply(variables, images):
+        return jnp.broadcast_to(variables["maps"], (images.shape[0], *maps.shape[1:]))
+
+    return dataclasses.replace(_identity_model(), apply=apply, variables={"maps": maps})
+
+
+def _assert_csv_matches_json(out: Path) -> None:
+    """Every cell of the CSV equals the value in the JSON of its image.
+
+    Cells are compared as written: str() of the JSON value, empty for null.
+    A column that this does not know fails, so that new columns get checked too.
+    """
+    with (out / predict.CSV_FILE).open() as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames, list(reader)
+    per_image = ("image", "width", "height", "pixel_spacing_mm")
+    per_vertebra = {"vertebra": "name", "x": "x", "y": "y", "confidence": "confidence"}
+    per_vertebra |= {"present": "present", "x_mm": "x_mm", "y_mm": "y_mm"}
+    assert set(columns) == {"path", "output", *per_image, *per_vertebra}
+
+    def cell(value) -> str:
+        return "" if value is None else str(value)
+
+    records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    by_output: dict[str, list[dict]] = {}
+    for row in rows:
+        by_output.setdefault(row["output"], []).append(row)
+    assert sorted(by_output) == sorted(records)
+    for output, group in by_output.items():
+        record = records[output]
+        assert [row["vertebra"] for row in group] == list(EXPECTED_NAMES)
+        for row, v in zip(group, record["vertebrae"], strict=True):
+            assert Path(row["path"]).name == record["image"]
+            for column in per_image:
+                assert row[column] == cell(record[column]), (output, column)
+            for column, key in per_vertebra.items():
+                assert row[column] == cell(v[key]), (output, v["name"], column)
+
+
+def test_each_name_is_its_own_layer_in_json_and_csv(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    # (width, height, spacing): tall without a spacing, wide with one.
+    sizes = {"tall.png": (1500, 3600, None), "wide.dcm": (900, 700, 0.2)}
+    rng = np.random.default_rng(0)  # the network ignores the pixels; the reader refuses blanks
+    Image.fromarray(rng.integers(0, 255, (3600, 1500), np.uint8)).save(inputs / "tall.png")
+    imaging.write_dicom(inputs / "wide.dcm", rng.integers(0, 4095, (700, 900)), spacing=0.2)
+    out = tmp_path / "out"
+    outcome = predict.predict_files(
+        _fixed_model(), input_files.find_inputs([inputs]), out, overlays=False
+    )
+    assert outcome.failures == []
+    for name, (width, height, spacing) in sizes.items():
+        record = json.loads((out / f"{Path(name).stem}.json").read_text())
+        assert [v["name"] for v in record["vertebrae"]] == list(EXPECTED_NAMES)
+        for k, v in enumerate(record["vertebrae"]):
+            where = (name, v["name"])
+            x, y = LAYER_XY[k] * [width / SIZE, height / SIZE]
+            assert v["x"] == pytest.approx(x, abs=1e-3), where
+            assert v["y"] == pytest.approx(y, abs=1e-3), where
+            assert v["confidence"] == pytest.approx(LAYER_PEAK[k], abs=1e-5), where
+            assert v["present"] is bool(LAYER_PEAK[k] >= 0.5), where
+            if spacing is None:
+                assert v["x_mm"] is None and v["y_mm"] is None, where
+            else:
+                assert v["x_mm"] == pytest.approx(x * spacing, abs=1e-3), where
+                assert v["y_mm"] == pytest.approx(y * spacing, abs=1e-3), where
+    _assert_csv_matches_json(out)
+
+
 # The command line, with a checkpoint made by the checkpoint module.
 
 
@@ -216,12 +305,12 @@ def run_dir(tmp_path_factory):
     from flax.training import train_state
 
     from configs import test as test_config
-    from vertjax import checkpoints, train
+    from vertjax import checkpoints
 
     config = test_config.get_config()
     # Shapes from the real model, values drawn here: initialising the U-Net
     # for real costs tens of seconds of compilation on a busy 2-core machine.
-    shapes = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: runs.create_train_state(config, jax.random.key(0)))
     rng = np.random.default_rng(0)
     params = jax.tree.map(
         lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype), dict(shapes.params)
@@ -236,7 +325,7 @@ def run_dir(tmp_path_factory):
         "bias": jnp.asarray(bias),
     }
     state = train_state.TrainState.create(
-        apply_fn=None, params=params, tx=train.make_optimizer(config)
+        apply_fn=None, params=params, tx=runs.make_optimizer(config)
     )
     workdir = tmp_path_factory.mktemp("run")
     ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"), keep=1)
@@ -334,15 +423,8 @@ def test_cli_csv_and_overlays(cli):
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == predict.CSV_COLUMNS
     assert len(rows) == 5 * vertebrae.K
-    by_output = {}
-    for row in rows:
-        by_output.setdefault(row["output"], []).append(row)
-    for stem, group in by_output.items():
-        record = json.loads((out / f"{stem}.json").read_text())
-        assert [r["vertebra"] for r in group] == list(vertebrae.NAMES)
-        for row, v in zip(group, record["vertebrae"], strict=True):
-            assert float(row["x"]) == v["x"] and row["present"] == str(v["present"])
-            assert row["x_mm"] == ("" if v["x_mm"] is None else str(v["x_mm"]))
+    _assert_csv_matches_json(out)
+    for stem in {row["output"] for row in rows}:
         with Image.open(out / f"{stem}_overlay.png") as im:
             assert im.format == "PNG" and min(im.size) > 100
 
@@ -369,10 +451,10 @@ def test_unreadable_input_is_reported_by_name(tmp_path):
 
 def test_load_model_errors_name_the_workdir(tmp_path, run_dir):
     with pytest.raises(ValueError, match="no checkpoints folder"):
-        predict.load_model(tmp_path)
+        inference.load(workdir=tmp_path)
     with pytest.raises(ValueError, match=r"checkpoint '7' not in"):
-        predict.load_model(run_dir, "7")
-    model = predict.load_model(run_dir, "best")
+        inference.load(workdir=run_dir, checkpoint="7")
+    model = inference.load(workdir=run_dir, checkpoint="best")
     assert model.step == 6 and model.image_size == SIZE
     assert (model.pixel_mean, model.pixel_std) == (120.0, 60.0)
 
@@ -382,7 +464,7 @@ def test_one_compilation_across_calls_for_the_same_model(tmp_path):
         Image.fromarray(np.full((300 + 10 * i, 200), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
     traces = []
     model = _identity_model(traces)
-    files = predict.find_inputs([tmp_path])
+    files = input_files.find_inputs([tmp_path])
     predict.predict_files(model, files, tmp_path / "a", batch_size=2, overlays=False)
     predict.predict_files(model, files[1:], tmp_path / "b", batch_size=2, overlays=False)
     assert traces == [(2, SIZE, SIZE, 1)]
@@ -399,14 +481,14 @@ def test_load_model_applies_the_configured_postprocessing(tmp_path, monkeypatch)
     from flax.training import train_state
 
     from configs import test as test_config
-    from vertjax import checkpoints, data, postprocess, train
+    from vertjax import checkpoints, datasets, postprocess
 
     config = test_config.get_config()
     config.postprocess.enabled = True
-    shapes = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: runs.create_train_state(config, jax.random.key(0)))
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes.params))
     state = train_state.TrainState.create(
-        apply_fn=None, params=params, tx=train.make_optimizer(config)
+        apply_fn=None, params=params, tx=runs.make_optimizer(config)
     )
     ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
     ckpt.save(
@@ -433,15 +515,16 @@ def test_load_model_applies_the_configured_postprocessing(tmp_path, monkeypatch)
 
     requested = []
     monkeypatch.setattr(
-        data, "get_builder", lambda name, **kw: requested.append((name, kw)) or Builder()
+        datasets, "get_builder", lambda name, **kw: requested.append((name, kw)) or Builder()
     )
-    model = predict.load_model(tmp_path, "best")
+    model = inference.load(workdir=tmp_path, checkpoint="best")
     assert requested == [
         ("synthetic_small", {"data_dir": None, "manual_dir": None, "build": False})
     ]
     assert (model.pixel_mean, model.pixel_std) == (90.0, 30.0)
-    assert model.locate.func is postprocess.apply
+    assert model.locate.func is postprocess.locate
+    assert model.locate.keywords["enabled"] is True
     prior = model.locate.keywords["prior"]
     np.testing.assert_allclose(prior.mean, np.full(vertebrae.K - 1, 15.0), rtol=1e-5)
-    points, confidence = predict.make_infer(model)(np.zeros((2, SIZE, SIZE), np.uint8))
+    points, confidence = inference.make_infer(model)(np.zeros((2, SIZE, SIZE), np.uint8))
     assert points.shape == (2, vertebrae.K, 2) and confidence.shape == (2, vertebrae.K)

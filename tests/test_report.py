@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vertjax import report, vertebrae
+from vertjax import inference, report, vertebrae
 
 
 def _write_run(path, *, loss, seed, id_accuracy, rmse_px, dataset="aasce_fov", steps=100):
@@ -161,7 +161,7 @@ def test_example_overlays_show_predictions_and_truth_in_original_pixels(tmp_path
     import jax.numpy as jnp
     import ml_collections
 
-    from vertjax import data, predict
+    from vertjax import datasets
 
     size, width, height = 264, 800, 2000
     run = _write_run(tmp_path / "run", loss="l3", seed=0, id_accuracy=0.9, rmse_px=5.0)
@@ -169,7 +169,7 @@ def test_example_overlays_show_predictions_and_truth_in_original_pixels(tmp_path
     config = ml_collections.ConfigDict(
         {"dataset": {"name": "fake", "data_dir": "", "manual_dir": ""}, "eval_split": "test"}
     )
-    model = predict.Model(
+    model = inference.Predictor(
         apply=lambda variables, x: jnp.repeat(x, vertebrae.K, axis=-1),
         variables={},
         image_size=size,
@@ -194,8 +194,8 @@ def test_example_overlays_show_predictions_and_truth_in_original_pixels(tmp_path
             assert split == "test"
             return [record, record, record]
 
-    monkeypatch.setattr(predict, "load_model", lambda path, checkpoint: model)
-    monkeypatch.setattr(data, "get_builder", lambda name, **kwargs: Builder())
+    monkeypatch.setattr(inference, "load", lambda workdir, checkpoint: model)
+    monkeypatch.setattr(datasets, "get_builder", lambda name, **kwargs: Builder())
     (fig,) = report.example_figures(run, 1)
     ax = fig.axes[0]
     truth, predicted = ax.collections[0].get_offsets(), ax.collections[1].get_offsets()

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vertjax import checkpoints, data, evaluate, run_log, train, vertebrae
+from vertjax import checkpoints, datasets, evaluate, run_log, runs, sharding, train, vertebrae
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -79,7 +79,7 @@ def _write_folder(root: Path) -> None:
 def dataset_flags(tmp_path_factory) -> list[str]:
     base = tmp_path_factory.mktemp("resume_data")
     _write_folder(base / "folder")
-    data.get_builder("folder", data_dir=str(base / "tfds"), manual_dir=str(base / "folder"))
+    datasets.get_builder("folder", data_dir=str(base / "tfds"), manual_dir=str(base / "folder"))
     return [
         "--config.dataset.name=folder",
         f"--config.dataset.manual_dir={base / 'folder'}",
@@ -163,7 +163,9 @@ def _state(workdir: Path, step: int):
     ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"), read_only=True)
     try:
         config = ml_collections.ConfigDict(ckpt.restore_config(step))
-        state, _ = ckpt.restore(step, state=train.abstract_train_state(config, train.make_mesh(1)))
+        state, _ = ckpt.restore(
+            step, state=runs.abstract_train_state(config, sharding.make_mesh(1))
+        )
     finally:
         ckpt.close()
     return jax.device_get({"params": state.params, "opt_state": state.opt_state})

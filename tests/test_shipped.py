@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vertjax import predict, shipped, vertebrae
+from vertjax import datasets, inference, shipped, vertebrae
 
 REPO = Path(__file__).resolve().parents[1]
 AASCE_DIR = REPO.parent / "shared" / "data" / "aasce"
@@ -24,7 +24,7 @@ MIN_ID_ACCURACY = 0.58
 
 @pytest.fixture(scope="module")
 def model():
-    return predict.load_shipped()
+    return inference.load()
 
 
 def _film(seed: int = 0, shape=(700, 300)) -> np.ndarray:
@@ -47,7 +47,7 @@ def test_the_default_model_ships_and_verifies():
 
 
 def test_shipped_model_predicts_deterministically(model):
-    infer = predict.make_infer(model)
+    infer = inference.make_infer(model)
     s = model.image_size
     films = np.stack(
         [np.asarray(Image.fromarray(_film(i)).resize((s, s), Image.BILINEAR)) for i in range(2)]
@@ -126,14 +126,14 @@ def test_predict_without_a_workdir_uses_the_shipped_model(tmp_path):
 @pytest.mark.skipif(not AASCE_DIR.is_dir(), reason="../shared/data/aasce not present")
 def test_shipped_model_scores_on_the_aasce_fov_validation_crops(tmp_path):
     """The shipped model reproduces the validation figures its model card states."""
-    from vertjax import data, evaluate, sharding
+    from vertjax import evaluate, models, sharding
 
     found = shipped.load()
-    builder = data.get_builder("aasce_fov", data_dir=str(tmp_path), manual_dir=str(AASCE_DIR))
+    builder = datasets.get_builder("aasce_fov", data_dir=str(tmp_path), manual_dir=str(AASCE_DIR))
     evaluator = evaluate.Evaluator(
         found.config,
         sharding.make_mesh(1),
-        apply_fn=predict.models.from_config(found.config).apply,
+        apply_fn=models.from_config(found.config).apply,
         mean=found.pixel_mean,
         std=found.pixel_std,
         prior=found.prior,

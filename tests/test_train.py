@@ -13,7 +13,7 @@ import pytest
 from flax.training import train_state
 
 from configs import test as test_config
-from vertjax import augment, checkpoints, data, losses, train
+from vertjax import augment, checkpoints, config_checks, datasets, losses, runs, sharding, train
 
 S = 32
 
@@ -64,14 +64,14 @@ def test_learning_rate_warms_up_then_decays():
     config.optimizer.end_learning_rate_factor = 0.1
     for decay, end in (("cosine", 0.1), ("linear", 0.1), ("constant", 1.0)):
         config.optimizer.decay = decay
-        lr = train.make_learning_rate(config)
+        lr = runs.make_learning_rate(config)
         assert float(lr(0)) == 0.0
         assert float(lr(5)) == pytest.approx(0.5)
         assert float(lr(10)) == pytest.approx(1.0)
         assert float(lr(110)) == pytest.approx(end, rel=1e-5)
     config.optimizer.decay = "step"
-    with pytest.raises(ValueError, match="decay='step'"):
-        train.make_learning_rate(config)
+    with pytest.raises(ValueError, match="config.optimizer.decay: unknown decay 'step'"):
+        config_checks.check(config)
 
 
 def test_sigma_schedule_narrows_linearly_then_holds():
@@ -195,13 +195,13 @@ def test_non_finite_loss_names_the_first_bad_step():
 
 def test_batch_size_must_divide_over_the_data_axis():
     mesh = types.SimpleNamespace(shape={"data": 8})
-    train.check_batch_size(16, mesh)
+    sharding.check_batch_size(16, mesh)
     with pytest.raises(
         ValueError, match=r"config.batch_size=12 must be a positive multiple of the 8"
     ):
-        train.check_batch_size(12, mesh)
+        sharding.check_batch_size(12, mesh)
     with pytest.raises(ValueError, match="available"):
-        train.make_mesh(jax.device_count() + 1)
+        sharding.make_mesh(jax.device_count() + 1)
 
 
 def test_unknown_loss_is_refused_before_any_work(tmp_path):
@@ -214,7 +214,7 @@ def test_unknown_loss_is_refused_before_any_work(tmp_path):
 
 def test_non_finite_loss_stops_the_run_and_saves_nothing(tmp_path, monkeypatch, data_dir):
     # A NaN pixel mean makes every image NaN, so the loss is NaN from step 1.
-    monkeypatch.setattr(data, "pixel_stats", lambda builder: (float("nan"), 1.0))
+    monkeypatch.setattr(datasets, "pixel_stats", lambda builder: (float("nan"), 1.0))
     config = test_config.get_config()
     config.dataset.data_dir = data_dir
     with pytest.raises(train.NonFiniteLossError, match="at step 1"):
@@ -264,7 +264,7 @@ def test_augment_without_flip_keeps_its_random_stream():
 def test_train_step_keeps_a_moving_average_of_the_parameters():
     model = _Tiny()
     params = model.init(jax.random.key(0), jnp.zeros((1, S, S, 1)))["params"]
-    state = train.EmaTrainState.create(
+    state = runs.EmaTrainState.create(
         apply_fn=model.apply,
         params=params,
         tx=optax.adam(1e-2),
@@ -281,20 +281,20 @@ def test_train_step_keeps_a_moving_average_of_the_parameters():
     later = first
     for _ in range(30):
         later, _ = step(later, batch, rng)
-    assert train.inference_params(later) is later.ema_params
+    assert runs.inference_params(later) is later.ema_params
     gap = jax.tree.leaves(
         jax.tree.map(lambda e, p: float(jnp.abs(e - p).max()), later.ema_params, later.params)
     )
     assert max(gap) > 0  # the average lags the parameters
-    plain = train.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
-    assert train.inference_params(plain) is plain.params
+    plain = runs.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
+    assert runs.inference_params(plain) is plain.params
 
 
 def test_warm_start_takes_trained_weights_and_refuses_another_network(tmp_path):
     from vertjax import shipped
 
     config = test_config.get_config()
-    shapes = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: runs.create_train_state(config, jax.random.key(0)))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes.params)
     folder = shipped.write(
@@ -306,19 +306,30 @@ def test_warm_start_takes_trained_weights_and_refuses_another_network(tmp_path):
         prior=None,
         step=6,
     )
+    where = f"config.init_from={folder}"
     config.ema_decay = 0.99
-    state = train.create_train_state(config, train.init_key(1))
-    warm = train.warm_start(state, train.initial_params(str(folder), state.params))
+    state = runs.create_train_state(config, runs.init_key(1))
+    warm = train.warm_start(
+        state,
+        runs.trained_params(str(folder), state.params, where=where),
+    )
     jax.tree.map(np.testing.assert_array_equal, warm.params, params)
     jax.tree.map(np.testing.assert_array_equal, warm.ema_params, params)
     config.ema_decay = 0.0
-    plain = train.create_train_state(config, train.init_key(1))
-    plain = train.warm_start(plain, train.initial_params(str(folder), plain.params))
+    plain = runs.create_train_state(config, runs.init_key(1))
+    plain = train.warm_start(
+        plain,
+        runs.trained_params(str(folder), plain.params, where=where),
+    )
     jax.tree.map(np.testing.assert_array_equal, plain.params, params)
     wider = test_config.get_config()
     wider.model.features = 8
-    other = train.create_train_state(wider, train.init_key(1))
+    other = runs.create_train_state(wider, runs.init_key(1))
     with pytest.raises(ValueError, match=r"config.init_from=.*mine: parameter .* but .*configured"):
-        train.initial_params(str(folder), other.params)
+        runs.trained_params(str(folder), other.params, where=where)
     with pytest.raises(ValueError, match="neither a shipped model"):
-        train.initial_params(str(tmp_path / "nothing"), state.params)
+        runs.trained_params(
+            str(tmp_path / "nothing"),
+            state.params,
+            where=f"config.init_from={str(tmp_path / 'nothing')}",
+        )

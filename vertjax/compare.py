@@ -18,7 +18,7 @@ run (`<root>/<dataset>/report/table.md`) and the exit status is 1.
 
 `--seeds=N` trains seeds 0 .. N-1. `--manual_dir` is passed on as the
 dataset's source folder when given; without it the AASCE datasets use
-`vertjax.data`'s default (`../shared/data/aasce` beside the repository).
+`vertjax.datasets`' default (`../shared/data/aasce` beside the repository).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import logging
 
 from vertjax import report
 
@@ -180,65 +180,7 @@ def run_jobs(
     return skipped, failed
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    """Defines this program's flags.
-
-    Called only when the module runs as a program, so that importing it as a
-    library beside another command-line module cannot clash on flag names.
-    """
-    flags.DEFINE_string("dataset", None, "TFDS config, e.g. aasce_fov.", required=True)
-    flags.DEFINE_integer("seeds", 3, "Seeds per loss (0 .. N-1).", lower_bound=1)
-    flags.DEFINE_list("losses", list(LOSSES), "Losses to compare.")
-    flags.DEFINE_string("root", "runs/compare", "Runs go to ROOT/<dataset>/<loss>/seed<k>.")
-    flags.DEFINE_multi_string(
-        "config_overrides",
-        [],
-        "FIELD=VALUE passed to every run as --config.FIELD=VALUE; repeatable.",
-    )
-    flags.DEFINE_string("manual_dir", "", "Dataset source folder ('' = the dataset's default).")
-    flags.DEFINE_string("config_dir", "configs", "Folder of the per-loss config files.")
-    flags.DEFINE_integer("examples", 3, "Example overlays per loss in the report.")
-    flags.DEFINE_bool("dry_run", False, "Print the commands and exit.")
-
-
-def main(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        jobs = plan(
-            dataset=FLAGS.dataset,
-            seeds=FLAGS.seeds,
-            losses=FLAGS.losses,
-            root=FLAGS.root,
-            overrides=FLAGS.config_overrides,
-            manual_dir=FLAGS.manual_dir,
-            config_dir=FLAGS.config_dir,
-        )
-    except ValueError as e:
-        print(f"vertjax.compare: {e}", file=sys.stderr)
-        return 1
-    if FLAGS.dry_run:
-        for job in jobs:
-            print(("# done: " if job.done else "") + " ".join(job.command))
-        return 0
-    _, failed = run_jobs(jobs)
-    finished = [job.workdir for job in jobs if job.done]
-    if not finished:
-        print("vertjax.compare: no run finished; no report", file=sys.stderr)
-        return 1
-    out = Path(FLAGS.root) / FLAGS.dataset / "report"
-    print(report.write_report(finished, out, examples=FLAGS.examples))
-    if failed:
-        print(
-            "vertjax.compare: failed: " + ", ".join(f"{j.loss} seed {j.seed}" for j in failed),
-            file=sys.stderr,
-        )
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from vertjax import cli
+
+    cli.run_command("compare")

@@ -14,18 +14,26 @@ import difflib
 import math
 from typing import Any
 
+import jax
 import ml_collections
 
 from configs import default
-from vertjax import losses, models
-
-DECAYS: tuple[str, ...] = ("cosine", "linear", "constant")
+from vertjax import losses, models, runs, sharding
 
 
 def check(config: ml_collections.ConfigDict) -> None:
     """ValueError naming the first field of `config` with a wrong type or value."""
     check_types(config, default.get_config())
     check_values(config)
+
+
+def checked_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """Checks `config`, then makes its device mesh and checks the batch sizes against it."""
+    check(config)
+    mesh = sharding.make_mesh(config.mesh.data)
+    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    return mesh
 
 
 def _kind(reference: Any) -> str:
@@ -118,10 +126,32 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         )
     if m.features < 1:
         raise ValueError(f"config.model.features must be at least 1, got {m.features}")
-    _choice("config.optimizer.decay", config.optimizer.decay, DECAYS, "decay")
+    _choice("config.model.dtype", m.dtype, models.DTYPES, "dtype")
+    _choice("config.optimizer.decay", config.optimizer.decay, runs.DECAYS, "decay")
+    sharding.check_param_rule(config.mesh.param_sharding)
+    for name in ("train_steps", "log_every", "eval_every", "checkpoint_every", "image_size"):
+        if int(config[name]) <= 0:
+            raise ValueError(f"config.{name} must be positive, got {config[name]}")
     _positive("config.optimizer.learning_rate", config.optimizer.learning_rate)
     # A zero or negative width renders empty (or NaN) targets: training would
     # run and learn nothing.
     _positive("config.sigma", config.sigma)
     if config.sigma_decay_steps > 0:
         _positive("config.sigma_start", config.sigma_start)
+
+
+def differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """'field: saved -> current' for each field where `config` differs from a saved config."""
+    current = config.to_dict()
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = []
+            for key in sorted(set(a) | set(b)):
+                out += walk(a.get(key), b.get(key), f"{prefix}{key}.")
+            return out
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
+        return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+    return walk(saved, current, "")

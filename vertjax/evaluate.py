@@ -14,16 +14,24 @@ checkpoint step, steps, train_seconds and every metric) and `results.md`
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
+from absl import logging
 
-from vertjax import heatmaps, input_pipeline, metrics, models, postprocess
+from vertjax import (
+    config_checks,
+    datasets,
+    files,
+    input_pipeline,
+    metrics,
+    models,
+    postprocess,
+    runs,
+)
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -61,35 +69,18 @@ def eval_step(
     predicted = models.heatmaps_of(
         functools.partial(apply_fn, train=False), {"params": params}, batch["image"], flip=flip
     )
-    if use_postprocess:
-        points, confidence = postprocess.apply(
-            predicted, prior, top_m=top_m, min_confidence=min_confidence
-        )
-    else:
-        points, confidence = heatmaps.decode(predicted)
+    points, confidence = postprocess.locate(
+        predicted, prior, enabled=use_postprocess, top_m=top_m, min_confidence=min_confidence
+    )
     return metrics.batch_sums(
         points=points,
         confidence=confidence,
-        centroids=batch["centroids"],
-        labeled=batch["labeled"],
-        truth_centroids=batch["truth_centroids"],
-        truth_visible=batch["truth_visible"],
-        original_size=batch["original_size"],
-        pixel_spacing_mm=batch["pixel_spacing_mm"],
         mask=batch["mask"],
+        **{field: batch[field] for field in input_pipeline.FIELDS if field != "image"},
         image_size=image_size,
         threshold=threshold,
         fallback_spacing_px=fallback_spacing_px,
     )
-
-
-def fit_prior(source: Sequence[Any], image_size: int) -> Any:
-    """The post-processing prior from the labelled centroids of a (training) split."""
-    centroids = np.stack(
-        [np.asarray(source[i]["centroids"], np.float32) for i in range(len(source))]
-    )
-    labeled = np.stack([np.asarray(source[i]["labeled"], bool) for i in range(len(source))])
-    return postprocess.fit_prior(centroids * image_size, labeled)
 
 
 class Evaluator:
@@ -120,10 +111,15 @@ class Evaluator:
         prior: postprocess.SpacingPrior | None = None,
     ):
         self.mesh = mesh
-        self.batch_size = int(config.eval_batch_size)
         self.image_size = int(config.image_size)
-        self.mean, self.std = float(mean), float(std)
-        self.read_threads = int(config.read_threads)
+        # How `run` reads a split: eval_batches' settings.
+        self.batching = {
+            "batch_size": int(config.eval_batch_size),
+            "mean": float(mean),
+            "std": float(std),
+            "image_size": self.image_size,
+            "read_threads": int(config.read_threads),
+        }
         use_postprocess = bool(config.postprocess.enabled)
         self.prior = None
         if use_postprocess and prior is not None:
@@ -133,7 +129,7 @@ class Evaluator:
                 raise ValueError(
                     "config.postprocess.enabled needs the training split for its prior"
                 )
-            self.prior = fit_prior(train_source, self.image_size)
+            self.prior = runs.fit_prior(train_source, self.image_size)
         step = functools.partial(
             eval_step,
             apply_fn=apply_fn,
@@ -154,34 +150,13 @@ class Evaluator:
     def run(self, params: Any, source: Sequence[Any], *, max_batches: int = 0) -> dict[str, Any]:
         """`metrics.summarize` over `source` (the first `max_batches` batches if > 0)."""
         total = None
-        for batch in input_pipeline.eval_batches(
-            source,
-            batch_size=self.batch_size,
-            mean=self.mean,
-            std=self.std,
-            image_size=self.image_size,
-            max_batches=max_batches,
-            read_threads=self.read_threads,
-        ):
+        batches = input_pipeline.eval_batches(source, max_batches=max_batches, **self.batching)
+        for batch in batches:
             sums = self._step(params, input_pipeline.put_batch(batch, self.mesh), self.prior)
             total = metrics.accumulate(total, jax.device_get(sums))
         if total is None:
             raise ValueError("the split gave no batches to evaluate")
         return metrics.summarize(total)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def results_record(
@@ -206,7 +181,7 @@ def results_record(
         "postprocess": bool(config.postprocess.enabled),
     }
     record.update(summary)
-    return _plain(record)
+    return files.plain(record)
 
 
 def _cell(value: Any) -> str:
@@ -262,12 +237,57 @@ def write_results(workdir: str, record: dict[str, Any]) -> None:
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
-    # Write beside and rename, so that a crash never leaves half a file.
-    for name, text in (
-        (RESULTS_JSON, json.dumps(record, indent=2) + "\n"),
-        (RESULTS_MD, results_markdown(record)),
-    ):
-        path = os.path.join(workdir, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    files.write_json(os.path.join(workdir, RESULTS_JSON), record)
+    files.write_atomic(os.path.join(workdir, RESULTS_MD), results_markdown(record))
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    split: str,
+    checkpoint: str | int = "best",
+) -> dict[str, Any]:
+    """Evaluates a checkpoint of `workdir` on `split`; writes results.json/.md.
+
+    Args:
+      config: the run config (the model must match the checkpoint's).
+      workdir: the training run's directory.
+      split: dataset split, e.g. 'test'.
+      checkpoint: 'best' (validation ID accuracy), 'latest' or a step number.
+
+    Returns:
+      The results record (as written to `<workdir>/results.json`).
+    """
+    workdir = os.path.abspath(workdir)
+    mesh = config_checks.checked_mesh(config)
+    builder = runs.open_dataset(config)
+    mean, std = datasets.pixel_stats(builder)
+    run = runs.restore(workdir, checkpoint, config=config, mesh=mesh)
+    evaluator = Evaluator(
+        config,
+        mesh,
+        apply_fn=run.state.apply_fn,
+        mean=mean,
+        std=std,
+        train_source=builder.as_data_source("train") if config.postprocess.enabled else None,
+        param_sharding=jax.tree.map(lambda x: x.sharding, run.state.params),
+    )
+    summary = evaluator.run(runs.inference_params(run.state), builder.as_data_source(split))
+    record = results_record(
+        summary,
+        config=config,
+        split=split,
+        checkpoint_step=run.step,
+        train_seconds=float(run.meta.get("train_seconds", 0.0)),
+    )
+    write_results(workdir, record)
+    logging.info(
+        "checkpoint %d on %s: id_accuracy %s, rmse_px %s (%s)",
+        run.step,
+        split,
+        record.get("id_accuracy"),
+        record.get("rmse_px"),
+        os.path.join(workdir, RESULTS_JSON),
+    )
+    return record

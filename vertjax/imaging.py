@@ -87,11 +87,7 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     Raises:
       ImageError: missing, unreadable, empty, too large or too small image.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ImageError(path, "file not found")
-    if os.path.getsize(path) == 0:
-        raise ImageError(path, "empty file")
+    path = _existing_file(path)
     if is_dicom(path):
         pixels, spacing = _read_dicom(path)
     else:
@@ -102,17 +98,23 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     return Radiograph(pixels=pixels, pixel_spacing_mm=spacing)
 
 
+def _existing_file(path: str | os.PathLike) -> str:
+    """`path` as a string; ImageError if it is missing or empty."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageError(path, "file not found")
+    if os.path.getsize(path) == 0:
+        raise ImageError(path, "empty file")
+    return path
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) from the header alone, without decoding the pixels.
 
     Used to validate annotations before a slow full read. Raises ImageError
     for the same header faults as `read_radiograph`.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ImageError(path, "file not found")
-    if os.path.getsize(path) == 0:
-        raise ImageError(path, "empty file")
+    path = _existing_file(path)
     if is_dicom(path):
         ds = _dicom_header(path)
         shape = (int(ds.Rows), int(ds.Columns))

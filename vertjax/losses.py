@@ -13,37 +13,50 @@ example, with the per-pixel weight w of the first matching rule:
 Layers outside 0..K-1 (the neighbours of the first and last layer) count as
 unlabelled; zero-weight pixels still count in the denominator.
 
-The weight of one layer depends only on that layer's targets, a per-layer
-class from the `labeled` flags and (l3) the all-layer maximum, so it is
-written for one layer and lifted with `jax.vmap`. The per-layer class is
-derived from `labeled` once, as a [B, K] base weight, and broadcast.
+The rules are stated once. A `Rule` per loss name says what differs between
+the losses: whether rule 1 tests the layer or the all-layer maximum, whether
+rules 2 and 3 apply, and rule 1's weight (1 for mse, where it then equals
+the else weight). Three one-layer functions apply it: `_is_hot` (rule 1's
+test), `_base_weight` (rules 2, 3 and else, from the layer's and its
+neighbours' `labeled` flags) and `_layer_weight` (the [H, W] weights).
 
-Speed: the loss and its gradient are a `jax.custom_vjp` that XLA:CPU
-compiles to two passes over the [B, H, W, K] arrays and no intermediate
-array of that size; plain autodiff of the same expression stores the
-difference, the weights and the weighted difference (10 passes for l2,
-benchmarks/RESULTS.md). The function and its gradient are unchanged;
-being a custom_vjp, it supports reverse-mode differentiation only.
+Two forms of each loss use these functions:
+- `reference(name)` is the definition, written as the paper states it: the
+  one-layer weight times the squared error, lifted with `jax.vmap` over
+  layers and batch. `weights(name)` gives its weights.
+- `get(name)`, what training uses, is the same function as a
+  `jax.custom_vjp` that XLA:CPU compiles to two passes over the
+  [B, H, W, K] arrays and no intermediate array of that size; plain
+  autodiff of the reference stores the difference, the weights and the
+  weighted difference (10 passes for l2, benchmarks/RESULTS.md). Being a
+  custom_vjp, it supports reverse-mode differentiation only.
+tests/test_losses.py checks that both forms agree in value and gradient,
+and both against a pixel loop and weights built from the table above.
+
+The two passes of `get`:
 - Value: one loop reads targets and predictions and reduces each pixel's K
-  layers to a few per-pixel sums ([B, H, W]; for l3 also the all-layer
-  maximum, which the weight needs); a vectorised reduction then sums those
-  per example. A reduction over all of (H, W, K) in one go would either be
-  one long float32 add chain (slow and less accurate) or, as a plain sum,
-  go to XLA:CPU's YNNPACK path, which cannot fuse the weight selection and
-  makes XLA store the weights first.
+  layers to a few per-pixel sums ([B, H, W]): the hot and the cold pixels'
+  squared errors apart (cold ones times their layer's base weight), or for
+  l3 the all-layer maximum, the plain and the base-weighted sum; rule 1's
+  weight then scales the hot part. A vectorised reduction sums those per
+  example. A reduction over all of (H, W, K) in one go would either be one
+  long float32 add chain (slow and less accurate) or, as a plain sum, go to
+  XLA:CPU's YNNPACK path, which cannot fuse the weight selection and makes
+  XLA store the weights first. mse takes the same two-output reduction:
+  its one-output sum would go to YNNPACK, whose reduction is slower here
+  (1.8 vs 1.6 ms for the value pass at B = 8).
 - Gradient: one elementwise loop reads targets and predictions (and l3's
   [B, H, W] maximum from the value pass) and writes 2 w (p - y) / (H W K)
-  times the incoming cotangent, recomputing the weights on the fly.
+  times the incoming cotangent, with w from `_layer_weight` on the fly.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-NAMES: tuple[str, ...] = ("mse", "l1", "l2", "l3")
 
 HOT_THRESHOLD = 0.5
 HOT_WEIGHT = 10.0
@@ -53,41 +66,112 @@ BESIDE_WEIGHT = 0.0  # rule 3: unlabelled, but next to a labelled layer
 LossFn = Callable[..., jax.Array]
 
 
-def _base_weight(labeled: jax.Array, *, name: str) -> jax.Array:
-    """[B, K] weight of the non-hot pixels of each layer (rules 2, 3 and else)."""
-    if name in ("mse", "l1"):
-        return jnp.ones(labeled.shape, jnp.float32)
-    pad = jnp.zeros(labeled.shape[:-1] + (1,), bool)
-    padded = jnp.concatenate([pad, labeled, pad], axis=-1)
-    beside = padded[..., :-2] | padded[..., 2:]
-    return jnp.where(labeled, 1.0, jnp.where(beside, BESIDE_WEIGHT, EMPTY_WEIGHT))
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one loss makes of the table's rules."""
+
+    hot_weight: float  # rule 1's weight; 1.0 (the else weight) for mse, which has no rule 1
+    hot_over_all_layers: bool  # rule 1 tests max_k' y[i, k'] (l3), not y[i, k]
+    neighbours: bool  # rules 2 and 3 apply
 
 
-def _layer_weight(hot: jax.Array, base: jax.Array) -> jax.Array:
-    """Weight of one layer [H, W]: rule 1 where `hot`, else the layer's base weight."""
-    return jnp.where(hot, HOT_WEIGHT, base)
+_RULES: dict[str, Rule] = {
+    "mse": Rule(hot_weight=1.0, hot_over_all_layers=False, neighbours=False),
+    "l1": Rule(hot_weight=HOT_WEIGHT, hot_over_all_layers=False, neighbours=False),
+    "l2": Rule(hot_weight=HOT_WEIGHT, hot_over_all_layers=False, neighbours=True),
+    "l3": Rule(hot_weight=HOT_WEIGHT, hot_over_all_layers=True, neighbours=True),
+}
+NAMES: tuple[str, ...] = tuple(_RULES)
 
 
-def _hot(targets: jax.Array, *, name: str) -> tuple[jax.Array, bool]:
-    """Rule-1 mask: [B, H, W, K], or [B, H, W] shared by all layers for l3."""
-    if name == "l3":
-        return jnp.max(targets, axis=-1) >= HOT_THRESHOLD, True
-    return targets >= HOT_THRESHOLD, False
+def rule_for(name: str) -> Rule:
+    """The `Rule` of a loss name; raises ValueError naming the valid ones."""
+    if name not in _RULES:
+        raise ValueError(f"unknown loss {name!r}: expected one of {', '.join(NAMES)}")
+    return _RULES[name]
 
 
-def _lifted_weight(hot: jax.Array, base: jax.Array, *, shared: bool) -> jax.Array:
-    """Lifts `_layer_weight` over K and B: hot [B, H, W(, K)], base [B, K] -> [B, H, W, K]."""
-    per_example = jax.vmap(_layer_weight, in_axes=(None if shared else 2, 0), out_axes=2)
-    return jax.vmap(per_example)(hot, base)
+def _is_hot(values: jax.Array) -> jax.Array:
+    """Rule 1's test, elementwise."""
+    return values >= HOT_THRESHOLD
 
 
-def _weights(targets: jax.Array, labeled: jax.Array, *, name: str) -> jax.Array:
-    """Weights [B, H, W, K] as a lazy expression (a scalar 1 for mse) for XLA to fuse."""
-    if name == "mse":
+def _base_weight(rule: Rule, here: jax.Array, before: jax.Array, after: jax.Array) -> jax.Array:
+    """Weight of a layer's non-hot pixels (rules 2, 3, else) from its and its neighbours' flags."""
+    if not rule.neighbours:
         return jnp.float32(1.0)
-    base = _base_weight(labeled.astype(bool), name=name)
-    hot, shared = _hot(targets, name=name)
-    return _lifted_weight(hot, base, shared=shared)
+    return jnp.where(here, 1.0, jnp.where(before | after, BESIDE_WEIGHT, EMPTY_WEIGHT))
+
+
+def _layer_weight(
+    rule: Rule, layer: jax.Array, peak: jax.Array | None, base: jax.Array
+) -> jax.Array:
+    """Weights [H, W] of one layer: its targets [H, W], the all-layer maximum [H, W], base []."""
+    tested = peak if rule.hot_over_all_layers else layer
+    return jnp.where(_is_hot(tested), rule.hot_weight, base)
+
+
+def _base_weights(rule: Rule, labeled: jax.Array) -> jax.Array:
+    """`_base_weight` of each layer of one example: labeled [K] bool -> [K]."""
+    padded = jnp.pad(labeled, 1)  # layers outside 0..K-1 are unlabelled
+    return jax.vmap(functools.partial(_base_weight, rule))(labeled, padded[:-2], padded[2:])
+
+
+def _layer_weights(
+    rule: Rule, targets: jax.Array, peak: jax.Array | None, base: jax.Array
+) -> jax.Array:
+    """`_layer_weight` of each layer of one example: [H, W, K], [H, W], [K] -> [H, W, K]."""
+    per_layer = functools.partial(_layer_weight, rule)
+    return jax.vmap(per_layer, in_axes=(2, None, 0), out_axes=2)(targets, peak, base)
+
+
+def _example_weights(rule: Rule, targets: jax.Array, labeled: jax.Array) -> jax.Array:
+    """Weights [H, W, K] of one example from its targets [H, W, K] and labeled [K]."""
+    peak = jnp.max(targets, axis=-1)
+    return _layer_weights(rule, targets, peak, _base_weights(rule, labeled))
+
+
+def _example_loss(
+    rule: Rule, predictions: jax.Array, targets: jax.Array, labeled: jax.Array
+) -> jax.Array:
+    """The loss of one example: mean over (H, W, K) of w * (y - p)^2."""
+    weight = _example_weights(rule, targets, labeled)
+    return jnp.sum(weight * (targets - predictions) ** 2) / targets.size
+
+
+def _checked(
+    predictions: jax.Array, targets: jax.Array, labeled: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The inputs as float32, float32, bool, after checking their shapes."""
+    if predictions.shape != targets.shape or predictions.ndim != 4:
+        raise ValueError(
+            f"predictions {predictions.shape} and targets {targets.shape} must both be [B, H, W, K]"
+        )
+    if labeled.shape != targets.shape[:1] + targets.shape[3:]:
+        raise ValueError(f"labeled {labeled.shape} must be [B, K] for targets {targets.shape}")
+    return (
+        jnp.asarray(predictions).astype(jnp.float32),
+        jnp.asarray(targets).astype(jnp.float32),
+        jnp.asarray(labeled).astype(bool),
+    )
+
+
+def _reference_loss(
+    *, predictions: jax.Array, targets: jax.Array, labeled: jax.Array, rule: Rule
+) -> jax.Array:
+    return jax.vmap(functools.partial(_example_loss, rule))(
+        *_checked(predictions, targets, labeled)
+    )
+
+
+def reference(name: str) -> LossFn:
+    """The definition of a loss: `fn(*, predictions, targets, labeled) -> [B]`.
+
+    predictions and targets are [B, H, W, K] float, labeled is [B, K] bool;
+    the result is the per-example loss [B] float32. Same values as `get`,
+    but plain autodiff: slower, for tests and reading.
+    """
+    return functools.partial(_reference_loss, rule=rule_for(name))
 
 
 def weights(name: str, *, targets: jax.Array, labeled: jax.Array) -> jax.Array:
@@ -101,28 +185,16 @@ def weights(name: str, *, targets: jax.Array, labeled: jax.Array) -> jax.Array:
     Returns:
       [B, H, W, K] float32 weights.
     """
-    _check(name)
-    targets = targets.astype(jnp.float32)
-    return jnp.broadcast_to(_weights(targets, labeled, name=name), targets.shape)
+    _, targets, labeled = _checked(targets, targets, labeled)
+    return jax.vmap(functools.partial(_example_weights, rule_for(name)))(targets, labeled)
 
 
 def _loss(
-    *, predictions: jax.Array, targets: jax.Array, labeled: jax.Array, name: str
+    *, predictions: jax.Array, targets: jax.Array, labeled: jax.Array, rule: Rule
 ) -> jax.Array:
-    """Per-example loss [B]: mean over (H, W, K) of w * (y - p)^2."""
-    if predictions.shape != targets.shape or predictions.ndim != 4:
-        raise ValueError(
-            f"predictions {predictions.shape} and targets {targets.shape} must both be [B, H, W, K]"
-        )
-    if labeled.shape != targets.shape[:1] + targets.shape[3:]:
-        raise ValueError(f"labeled {labeled.shape} must be [B, K] for targets {targets.shape}")
-    base = _base_weight(jnp.asarray(labeled).astype(bool), name=name)
-    return _weighted_mse(
-        jnp.asarray(predictions).astype(jnp.float32),
-        jnp.asarray(targets).astype(jnp.float32),
-        base,
-        name,
-    )
+    predictions, targets, labeled = _checked(predictions, targets, labeled)
+    base = jax.vmap(functools.partial(_base_weights, rule))(labeled)
+    return _weighted_mse(predictions, targets, base, rule)
 
 
 def _sum_pair(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
@@ -134,7 +206,7 @@ def _max_sum_sum(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[ja
 
 
 def _value_and_peak(
-    predictions: jax.Array, targets: jax.Array, base: jax.Array, name: str
+    predictions: jax.Array, targets: jax.Array, base: jax.Array, rule: Rule
 ) -> tuple[jax.Array, jax.Array | None]:
     """Per-example loss [B] and, for l3, the all-layer maximum [B, H, W] of the targets."""
     count = np.prod(targets.shape[1:])
@@ -142,49 +214,40 @@ def _value_and_peak(
     squares = error * error
     zero = np.float32(0.0)
     based = base[:, None, None, :] * squares
-    if name == "l3":
+    if rule.hot_over_all_layers:
         # Per pixel: the all-layer maximum, sum_k se and sum_k base_k * se;
-        # rule 1 then picks 10 * sum_k se for the whole pixel.
+        # a hot pixel weighs rule 1's weight in every layer.
         peak, plain, weighted = jax.lax.reduce(
             (targets, squares, based), (np.float32(-np.inf), zero, zero), _max_sum_sum, (3,)
         )
-        per_pixel = jnp.where(peak >= HOT_THRESHOLD, HOT_WEIGHT * plain, weighted)
+        per_pixel = jnp.where(_is_hot(peak), rule.hot_weight * plain, weighted)
         return jnp.sum(per_pixel, axis=(1, 2)) / count, peak
-    hot = targets >= HOT_THRESHOLD
+    hot = _is_hot(targets)
     cold_sum, hot_sum = jax.lax.reduce(
         (jnp.where(hot, zero, based), jnp.where(hot, squares, zero)), (zero, zero), _sum_pair, (3,)
     )
-    # mse takes this path too, with weight 1 everywhere: its plain one-output
-    # sum would go to YNNPACK, whose reduction is slower here (1.8 vs 1.6 ms
-    # for the value pass at B = 8).
-    hot_weight = 1.0 if name == "mse" else HOT_WEIGHT
-    return jnp.sum(cold_sum + hot_weight * hot_sum, axis=(1, 2)) / count, None
+    return jnp.sum(cold_sum + rule.hot_weight * hot_sum, axis=(1, 2)) / count, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _weighted_mse(
-    predictions: jax.Array, targets: jax.Array, base: jax.Array, name: str
+    predictions: jax.Array, targets: jax.Array, base: jax.Array, rule: Rule
 ) -> jax.Array:
     """sum(w * (y - p)^2) / (H * W * K): [B, H, W, K] x2, base [B, K] -> [B]."""
-    return _value_and_peak(predictions, targets, base, name)[0]
+    return _value_and_peak(predictions, targets, base, rule)[0]
 
 
-def _weighted_mse_fwd(predictions, targets, base, name):
-    value, peak = _value_and_peak(predictions, targets, base, name)
+def _weighted_mse_fwd(predictions, targets, base, rule):
+    value, peak = _value_and_peak(predictions, targets, base, rule)
     return value, (predictions, targets, base, peak)
 
 
-def _weighted_mse_bwd(name, residuals, cotangent):
+def _weighted_mse_bwd(rule, residuals, cotangent):
     predictions, targets, base, peak = residuals
     # The barrier keeps XLA from sharing y - p with the value pass, which
     # would make it store the difference as a full array.
     predictions, targets = jax.lax.optimization_barrier((predictions, targets))
-    if name == "mse":
-        weight = jnp.float32(1.0)
-    elif name == "l3":
-        weight = _lifted_weight(peak >= HOT_THRESHOLD, base, shared=True)
-    else:
-        weight = _lifted_weight(targets >= HOT_THRESHOLD, base, shared=False)
+    weight = jax.vmap(functools.partial(_layer_weights, rule))(targets, peak, base)
     scale = (2.0 / np.prod(targets.shape[1:])) * cotangent[:, None, None, None]
     grad = scale * weight * (predictions - targets)
     # The weights are piecewise constant in y, so d/dy = -d/dp.
@@ -195,18 +258,13 @@ _weighted_mse.defvjp(_weighted_mse_fwd, _weighted_mse_bwd)
 
 
 def get(name: str) -> LossFn:
-    """Returns `fn(*, predictions, targets, labeled) -> [B]` for a loss name.
+    """Returns the fast `fn(*, predictions, targets, labeled) -> [B]` of a loss name.
 
     predictions and targets are [B, H, W, K] float, labeled is [B, K] bool;
-    the result is the per-example loss [B] float32.
+    the result is the per-example loss [B] float32, equal to
+    `reference(name)`'s.
     """
-    _check(name)
-    return functools.partial(_loss, name=name)
-
-
-def _check(name: str) -> None:
-    if name not in NAMES:
-        raise ValueError(f"unknown loss {name!r}: expected one of {', '.join(NAMES)}")
+    return functools.partial(_loss, rule=rule_for(name))
 
 
 def mean(per_example: jax.Array, mask: jax.Array | None = None) -> jax.Array:

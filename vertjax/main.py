@@ -1,4 +1,5 @@
-"""Command line: train and evaluate a configuration, or evaluate a workdir.
+"""Command line: train and evaluate a configuration, or evaluate a workdir
+(`vertjax train` and `vertjax evaluate`; the documented entry point).
 
   python -m vertjax.main --config=configs/l3.py
       trains in runs/l3 (resuming if it holds checkpoints), then evaluates the
@@ -7,7 +8,8 @@
       --split=validation --checkpoint=latest
 
 Config fields are overridden on the command line, e.g.
-`--config.train_steps=500`. The logic lives in vertjax.train.
+`--config.train_steps=500`. The logic lives in vertjax.train and
+vertjax.evaluate.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vertjax import checkpoints, data, run_log, sharding, train
+from vertjax import cli, evaluate, run_log, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration file.", lock_config=True
@@ -28,7 +30,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<config name>.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train then test, or evaluate.")
 _SPLIT = flags.DEFINE_string("split", None, "Split for --mode=evaluate; default config.eval_split.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a step number.")
+cli.define_checkpoint_flag("best")
 flags.mark_flags_as_required(["config"])
 
 
@@ -66,13 +68,13 @@ def main(argv: Sequence[str]) -> None:
         if _MODE.value == "train":
             train.train_and_evaluate(config, workdir)
         else:
-            train.evaluate_checkpoint(
+            evaluate.evaluate_checkpoint(
                 config,
                 workdir,
                 split=_SPLIT.value or config.eval_split,
-                checkpoint=_CHECKPOINT.value,
+                checkpoint=flags.FLAGS.checkpoint,
             )
-    except (ValueError, data.DataError, checkpoints.CheckpointError, train.NonFiniteLossError) as e:
+    except (*cli.EXPECTED_ERRORS, train.NonFiniteLossError) as e:
         # Config and data faults end with their message and exit status 1,
         # not a traceback.
         logging.error("%s", e)

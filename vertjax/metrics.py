@@ -46,6 +46,41 @@ def _neighbour_spacing(gt: jax.Array, labeled: jax.Array) -> tuple[jax.Array, ja
     return total / jnp.maximum(count, 1), count
 
 
+def _check_shapes(bk: tuple[int, int], **fields: jax.Array) -> None:
+    """ValueError naming the first field whose shape does not fit B, K = `bk`."""
+    b, k = bk
+    expected = {
+        "points": (b, k, 2),
+        "confidence": (b, k),
+        "centroids": (b, k, 2),
+        "truth_centroids": (b, k, 2),
+        "truth_visible": (b, k),
+        "original_size": (b, 2),
+        "pixel_spacing_mm": (b,),
+        "mask": (b,),
+    }
+    for field, value in fields.items():
+        if np.shape(value) != expected[field]:
+            raise ValueError(
+                f"{field} has shape {np.shape(value)}, expected {expected[field]} (B, K = {b}, {k})"
+            )
+
+
+def _closest_is_own(pred: jax.Array, gt: jax.Array, labeled: jax.Array) -> jax.Array:
+    """[B, K]: the labelled ground truth closest to prediction k is vertebra k's."""
+    to_all = jnp.linalg.norm(pred[:, :, None, :] - gt[:, None, :, :], axis=-1)  # [B, K, K]
+    to_all = jnp.where(labeled[:, None, :], to_all, jnp.inf)
+    return jnp.argmin(to_all, axis=-1) == jnp.arange(labeled.shape[1])
+
+
+def _total(x: jax.Array) -> jax.Array:
+    return jnp.sum(x.astype(jnp.float32))
+
+
+def _per_k(x: jax.Array) -> jax.Array:
+    return jnp.sum(x.astype(jnp.float32), axis=0)
+
+
 def batch_sums(
     *,
     points: jax.Array,
@@ -82,22 +117,17 @@ def batch_sums(
     Returns:
       A dict of float32 scalars and [K] arrays (keys ending in `_k`).
     """
-    b, k = labeled.shape
-    expected = {
-        "points": (points, (b, k, 2)),
-        "confidence": (confidence, (b, k)),
-        "centroids": (centroids, (b, k, 2)),
-        "truth_centroids": (truth_centroids, (b, k, 2)),
-        "truth_visible": (truth_visible, (b, k)),
-        "original_size": (original_size, (b, 2)),
-        "pixel_spacing_mm": (pixel_spacing_mm, (b,)),
-        "mask": (mask, (b,)),
-    }
-    for field, (value, shape) in expected.items():
-        if np.shape(value) != shape:
-            raise ValueError(
-                f"{field} has shape {np.shape(value)}, expected {shape} (B, K = {b}, {k})"
-            )
+    _check_shapes(
+        labeled.shape,
+        points=points,
+        confidence=confidence,
+        centroids=centroids,
+        truth_centroids=truth_centroids,
+        truth_visible=truth_visible,
+        original_size=original_size,
+        pixel_spacing_mm=pixel_spacing_mm,
+        mask=mask,
+    )
     del truth_centroids  # presence is judged by visibility, not by position
     mask = mask.astype(bool)
     labeled = labeled.astype(bool) & mask[:, None]
@@ -119,22 +149,13 @@ def batch_sums(
 
     # VerSe-style: the closest labelled ground truth to a present prediction
     # must be its own, and within the radius.
-    to_all = jnp.linalg.norm(pred[:, :, None, :] - gt[:, None, :, :], axis=-1)  # [B, K, K]
-    to_all = jnp.where(labeled[:, None, :], to_all, jnp.inf)
-    closest = jnp.argmin(to_all, axis=-1)
-    identified = correct & present & (closest == jnp.arange(labeled.shape[1]))
+    identified = correct & present & _closest_is_own(pred, gt, labeled)
 
     scored_images = jnp.any(scored, axis=1)
     all_correct = scored_images & jnp.all(correct | ~scored, axis=1)
     spacing_known = (pixel_spacing_mm > 0)[:, None] & labeled
     unlabelled_visible = visible & ~labeled
-
-    def total(x):
-        return jnp.sum(x.astype(jnp.float32))
-
-    def per_k(x):
-        return jnp.sum(x.astype(jnp.float32), axis=0)
-
+    total, per_k = _total, _per_k
     return {
         "n_images": total(mask),
         "n_labelled": total(labeled),

@@ -11,14 +11,16 @@ point is, whatever the display size.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib import cm, colors
 from matplotlib.figure import Figure
 
-from vertjax import vertebrae
+from vertjax import files, vertebrae
 
 # Longest side of the drawn image: enough to read 13 labels on a 3,000 px
 # radiograph while keeping an overlay PNG well under a megabyte.
@@ -83,12 +85,6 @@ def draw(
     points = np.asarray(points, np.float64).reshape(len(names), 2)
     confidence = np.asarray(confidence, np.float64).reshape(len(names))
     present = np.asarray(present, bool).reshape(len(names))
-    shown, factor = downscale(pixels)
-    # The block average drops a remainder of fewer than `factor` pixels; the
-    # drawn image covers exactly the pixels it averaged, scaled to the
-    # original extent.
-    shown_w = shown.shape[1] * factor * width / cols
-    shown_h = shown.shape[0] * factor * height / rows
 
     # Lay the figure out in inches so the image fills its axes at its own
     # aspect ratio, with a fixed strip on the right for the colour bar.
@@ -101,17 +97,7 @@ def draw(
     # global state, so thousands of overlays do not accumulate open figures.
     fig = Figure(figsize=(fig_w, fig_h), dpi=100)
     ax = fig.add_axes((margin / fig_w, margin / fig_h, img_w / fig_w, img_h / fig_h))
-    ax.imshow(
-        shown,
-        cmap="gray",
-        vmin=0.0,
-        vmax=1.0,
-        extent=(0.0, shown_w, shown_h, 0.0),
-        interpolation="bilinear",
-    )
-    ax.set_xlim(0.0, width)
-    ax.set_ylim(height, 0.0)
-    ax.set_axis_off()
+    show_image(ax, pixels, width=width, height=height)
     cmap = matplotlib.colormaps[COLORMAP]
     norm = colors.Normalize(vmin=0.0, vmax=1.0)
     if truth is not None:
@@ -138,24 +124,7 @@ def draw(
         label="prediction",
         zorder=3,
     )
-    # Labels sit to the right of the point so they do not hide the centroid.
-    offset = 0.01 * max(width, height)
-    for k in np.flatnonzero(present):
-        fill = cmap(norm(confidence[k]))
-        # Black text on light fills, white on dark ones (ITU-R BT.601 luma).
-        luma = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
-        ax.text(
-            points[k, 0] + offset,
-            points[k, 1],
-            names[k],
-            color="black" if luma > 0.5 else "white",
-            fontsize=8,
-            fontweight="bold",
-            va="center",
-            ha="left",
-            bbox={"facecolor": fill, "alpha": 0.9, "pad": 1.0, "edgecolor": "none"},
-            zorder=4,
-        )
+    label_points(ax, points, names, present, [cmap(norm(c)) for c in confidence])
     cax = fig.add_axes(
         (
             (margin + img_w + 0.15) / fig_w,
@@ -171,6 +140,124 @@ def draw(
     if title:
         ax.set_title(title, fontsize=9)
     return fig
+
+
+def show_image(ax: Any, pixels: np.ndarray, *, width: int, height: int) -> None:
+    """Draws `pixels` (float [H, W] in [0, 1]) over the extent width x height, axes off.
+
+    The image is block-averaged to at most MAX_DISPLAY_PX a side; the axes keep
+    original-pixel coordinates, so marks land where their points are.
+    """
+    rows, cols = np.shape(pixels)
+    shown, factor = downscale(pixels)
+    # The block average drops a remainder of fewer than `factor` pixels; the
+    # drawn image covers exactly the pixels it averaged, scaled to the extent.
+    shown_w = shown.shape[1] * factor * width / cols
+    shown_h = shown.shape[0] * factor * height / rows
+    ax.imshow(
+        shown,
+        cmap="gray",
+        vmin=0.0,
+        vmax=1.0,
+        extent=(0.0, shown_w, shown_h, 0.0),
+        interpolation="bilinear",
+    )
+    ax.set_xlim(0.0, width)
+    ax.set_ylim(height, 0.0)
+    ax.set_axis_off()
+
+
+def label_points(
+    ax: Any,
+    points: np.ndarray,
+    names: Sequence[str],
+    mask: np.ndarray,
+    fills: Sequence[Any],
+    *,
+    fontsize: float = 8,
+) -> None:
+    """Writes names[k] in a box of colour fills[k] beside points[k] where mask[k]."""
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()
+    # Labels sit to the right of the point so they do not hide the centroid.
+    offset = 0.01 * max(abs(xlim[1] - xlim[0]), abs(ylim[1] - ylim[0]))
+    for k in np.flatnonzero(mask):
+        fill = colors.to_rgba(fills[k])
+        # Black text on light fills, white on dark ones (ITU-R BT.601 luma).
+        luma = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
+        ax.text(
+            points[k, 0] + offset,
+            points[k, 1],
+            names[k],
+            color="black" if luma > 0.5 else "white",
+            fontsize=fontsize,
+            fontweight="bold",
+            va="center",
+            ha="left",
+            bbox={"facecolor": fill, "alpha": 0.9, "pad": 1.0, "edgecolor": "none"},
+            zorder=4,
+        )
+
+
+def text(value: Any) -> str:
+    """A record's string field (TFDS gives bytes) as text."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def preview(records: Sequence[dict[str, Any]], *, title: str) -> Figure:
+    """A grid of dataset records with their centroids marked by name.
+
+    Labelled centroids are drawn in green, visible-but-unlabelled ones
+    (`truth_visible & ~labeled`) in orange, in the records' S x S pixels.
+    """
+    cols = min(4, len(records))
+    rows = -(-len(records) // cols)
+    fig = Figure(figsize=(3.2 * cols, 3.5 * rows), dpi=110)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    handles = {}
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, record in zip(axes.flat, records, strict=False):
+        image = np.asarray(record["image"])[:, :, 0] / 255.0
+        size = image.shape[0]
+        show_image(ax, image, width=size, height=size)
+        labeled = np.asarray(record["labeled"], bool)
+        for mask, key, colour, kind in (
+            (labeled, "centroids", "lime", "labelled"),
+            (
+                np.asarray(record["truth_visible"]) & ~labeled,
+                "truth_centroids",
+                "orange",
+                "visible, unlabelled",
+            ),
+        ):
+            points = np.asarray(record[key]) * size
+            if mask.any():
+                handles[kind] = ax.scatter(*points[mask].T, marker="+", c=colour, s=50)
+            label_points(ax, points, vertebrae.NAMES, mask, [colour] * len(mask), fontsize=6)
+        ax.set_title(text(record["image_id"])[-28:], fontsize=7)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=2, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    return fig
+
+
+def write_preview(builder: Any, out: str, *, split: str = "train", count: int = 8) -> str:
+    """Writes `preview` of the first `count` records of a dataset split to the PNG `out`.
+
+    Raises:
+      ValueError: no such split, or it is empty.
+    """
+    if split not in builder.info.splits:
+        raise ValueError(f"no split {split!r}; this dataset has {', '.join(builder.info.splits)}")
+    source = builder.as_data_source(split)
+    records = [source[i] for i in range(min(count, len(source)))]
+    if not records:
+        raise ValueError(f"split {split!r} is empty")
+    fig = preview(records, title=f"{builder.info.full_name} / {split}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    files.write_atomic(out, to_png(fig))
+    return out
 
 
 def to_png(fig: Figure) -> bytes:

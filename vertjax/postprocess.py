@@ -21,7 +21,7 @@ picked (layer, candidate), so absent layers do not break the chain.
 """
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -235,3 +235,32 @@ def apply(
         spacing_weight=spacing_weight,
     )
     return jax.vmap(one, in_axes=(0, None))(heatmaps.astype(jnp.float32), prior)
+
+
+def locate(
+    heatmaps: jax.Array,
+    prior: SpacingPrior | None,
+    *,
+    enabled: bool,
+    top_m: int,
+    min_confidence: float,
+) -> tuple[jax.Array, jax.Array]:
+    """(points [B, K, 2] model px, confidence [B, K]) of predicted heatmaps.
+
+    With `enabled`, the anatomical-order decoding (`apply`, needing `prior`);
+    otherwise each layer's own peak (`heatmaps.decode`). Evaluation and
+    prediction both decode through here, with `settings(config)`.
+    """
+    if not enabled:
+        return heatmap_ops.decode(heatmaps)
+    return apply(heatmaps, prior, top_m=top_m, min_confidence=min_confidence)
+
+
+def settings(config) -> dict[str, Any]:
+    """The keyword arguments of `locate` from a run config's `postprocess` group."""
+    p = config.postprocess
+    return {
+        "enabled": bool(p.enabled),
+        "top_m": int(p.top_m),
+        "min_confidence": float(p.min_confidence),
+    }

@@ -29,16 +29,15 @@ import json
 import math
 import os
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from matplotlib.figure import Figure
 
-from vertjax import checkpoints, overlay, predict, run_log, vertebrae
+from vertjax import checkpoints, files, overlay, run_log, vertebrae
 
 RESULTS_FILE = "results.json"  # evaluate.RESULTS_JSON, without importing the evaluator
 LOSS_ORDER = ("mse", "l1", "l2", "l3")
@@ -335,22 +334,17 @@ def example_figures(run_path: str | os.PathLike, n: int) -> list[Figure]:
     Raises:
       ValueError: no checkpoints or the run's dataset is not available.
     """
-    if not (Path(run_path) / "checkpoints").is_dir():
-        raise ValueError(f"{run_path}: no checkpoints folder")
-    # The datasets (TFDS) are needed only for the examples.
-    from vertjax import data
+    # The network stack and the datasets (TFDS) are needed only for the examples.
+    from vertjax import datasets, inference, runs
 
     # The checkpoint step results.json reports (else the best), on its split.
     results = Path(run_path) / RESULTS_FILE
     step = json.loads(results.read_text()).get("steps") if results.is_file() else None
-    model = predict.load_model(run_path, "best" if step is None else int(step))
+    model = inference.load(workdir=run_path, checkpoint="best" if step is None else int(step))
     config = model.config
-    d = config.dataset
     try:
-        builder = data.get_builder(
-            d.name, data_dir=d.data_dir or None, manual_dir=d.manual_dir or None, build=False
-        )
-    except data.DataError as e:
+        builder = runs.open_dataset(config, build=False)
+    except datasets.DataError as e:
         raise ValueError(str(e)) from e
     source = builder.as_data_source(config.eval_split)
     records = [source[i] for i in range(min(n, len(source)))]
@@ -359,12 +353,12 @@ def example_figures(run_path: str | os.PathLike, n: int) -> list[Figure]:
     images = np.stack(
         [np.asarray(r["image"]).reshape(model.image_size, model.image_size) for r in records]
     )
-    points, confidence = (np.asarray(a) for a in predict.make_infer(model)(images))
+    points, confidence = (np.asarray(a) for a in inference.make_infer(model)(images))
     figures = []
     for i, record in enumerate(records):
         height, width = (int(v) for v in record["original_size"])
         scale = np.array([width, height], np.float64)
-        predicted = predict.to_original(
+        predicted = inference.to_original(
             points[i], width=width, height=height, size=model.image_size
         )
         figures.append(
@@ -375,15 +369,11 @@ def example_figures(run_path: str | os.PathLike, n: int) -> list[Figure]:
                 confidence[i] >= model.presence_threshold,
                 truth=np.asarray(record["centroids"], np.float64) * scale,
                 truth_mask=np.asarray(record["labeled"], bool),
-                title=f"{Path(run_path).name}: {_text(record.get('image_id'))} (step {model.step})",
+                title=f"{Path(run_path).name}: {overlay.text(record.get('image_id'))} (step {model.step})",
                 size=(width, height),
             )
         )
     return figures
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def write_examples(groups: dict[tuple[str, str, str], list[Run]], out: Path, n: int) -> list[Path]:
@@ -402,7 +392,7 @@ def write_examples(groups: dict[tuple[str, str, str], list[Run]], out: Path, n: 
         folder.mkdir(parents=True, exist_ok=True)
         for i, fig in enumerate(figures):
             path = folder / f"{_slug(group_label(key))}_{i}.png"
-            predict.write_atomic(path, overlay.to_png(fig))
+            files.write_atomic(path, overlay.to_png(fig))
             written.append(path)
     return written
 
@@ -432,7 +422,7 @@ def write_report(
         "training_curves.png": plot_training_curves(groups),
     }
     for name, fig in figures.items():
-        predict.write_atomic(out / name, overlay.to_png(fig))
+        files.write_atomic(out / name, overlay.to_png(fig))
     example_paths = write_examples(groups, out, examples)
     markdown += "\n## Plots\n\n" + "".join(f"![{name}]({name})\n" for name in figures)
     if example_paths:
@@ -441,37 +431,11 @@ def write_report(
             f"![{p.stem}]({p.relative_to(out).as_posix()})\n" for p in example_paths
         )
     markdown += "\n## Runs\n\n" + "".join(f"- `{r.path}`\n" for r in runs)
-    predict.write_atomic(out / "table.md", markdown.encode())
+    files.write_atomic(out / "table.md", markdown)
     return markdown
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    """Defines this program's flags.
-
-    Called only when the module runs as a program, so that importing it as a
-    library beside another command-line module cannot clash on flag names.
-    """
-    flags.DEFINE_string("out", None, "Folder for table.md and the plots.", required=True)
-    flags.DEFINE_integer("examples", 3, "Example overlays per group (0 = none).", lower_bound=0)
-
-
-def main(argv: Sequence[str]) -> int:
-    if len(argv) < 2:
-        raise app.UsageError(
-            "give one or more run folders: python -m vertjax.report RUN... --out=DIR"
-        )
-    try:
-        markdown = write_report(argv[1:], FLAGS.out, examples=FLAGS.examples)
-    except ValueError as e:
-        print(f"vertjax.report: {e}", file=sys.stderr)
-        return 1
-    print(markdown)
-    return 0
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from vertjax import cli
+
+    cli.run_command("report")

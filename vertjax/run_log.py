@@ -21,6 +21,8 @@ import jax
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from vertjax import files
+
 METRICS_FILE = "metrics.jsonl"
 # Libraries whose INFO lines (orbax logs every file it writes) drown the run's own.
 _CHATTY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/")
@@ -40,19 +42,6 @@ def quiet_libraries() -> None:
         handler.addFilter(_QuietLibraries())
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-friendly copy: numpy scalars to Python, non-finite floats to None."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN; an undefined metric reads as null
-    return value
-
-
 class MetricWriter:
     """Writes scalars to TensorBoard (`<workdir>/tensorboard`) and `metrics.jsonl`."""
 
@@ -69,7 +58,7 @@ class MetricWriter:
         """Records one event: `scalars` (nested dicts allowed in the JSON line)."""
         if not self.enabled:
             return
-        record = {"step": int(step), "kind": kind, **_plain(scalars)}
+        record = {"step": int(step), "kind": kind, **files.plain(scalars)}
         with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
         for name, value in record.items():
@@ -89,9 +78,7 @@ class MetricWriter:
         kept = [e for e in events if int(e.get("step", 0)) <= step]
         if len(kept) == len(events):
             return
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(e) + "\n" for e in kept)
-        os.replace(path + ".tmp", path)
+        files.write_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))
 
     def close(self) -> None:
         if self._tb is not None:

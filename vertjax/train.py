@@ -4,10 +4,11 @@ One `jax.jit` step augments the batch on device (`vertjax.augment`),
 renders the Gaussian targets from the batch centroids, runs the U-Net,
 applies the configured loss (`losses.get`) and an optax Adam update with
 warm-up and decay. Everything runs on a `jax.sharding.Mesh` with one 'data'
-axis: the batch is split along it, parameters and optimiser state are
-replicated. The loop validates every
+axis: the batch is split along it, parameters and optimiser state follow
+config.mesh.param_sharding. The loop (`train`) validates every
 `eval_every` steps, checkpoints state + data position + config with orbax,
 logs to TensorBoard and `metrics.jsonl`, and resumes from the workdir.
+The state, the optimiser and the dataset come from `vertjax.runs`.
 
 Shapes: S = config.image_size, K = 13, B = global batch size.
 """
@@ -27,195 +28,30 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax.training import train_state
 
 from vertjax import (
     augment,
     checkpoints,
     config_checks,
-    data,
+    datasets,
     evaluate,
     heatmaps,
     input_pipeline,
     losses,
-    models,
     run_log,
+    runs,
     sharding,
-    shipped,
 )
-
-TrainState = train_state.TrainState
-
-
-class EmaTrainState(train_state.TrainState):
-    """flax's TrainState plus a moving average of the parameters (config.ema_decay > 0).
-
-    A separate class rather than an optional field: runs without the average
-    keep flax's TrainState, and so the checkpoint layout they always had.
-    """
-
-    ema_params: Any = None
-
-
-def inference_params(state: TrainState) -> Any:
-    """The parameters to validate and predict with: the moving average when kept."""
-    ema = getattr(state, "ema_params", None)
-    return state.params if ema is None else ema
-
-
-DATA_AXIS = sharding.DATA_AXIS
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-# The mesh and its shardings live in vertjax.sharding; these names stay here
-# for the callers that reach them through the trainer.
-make_mesh = sharding.make_mesh
-check_batch_size = sharding.check_batch_size
-replicated = sharding.replicated
-data_sharded = sharding.data_sharded
-
-
-def state_sharding(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, state: Any) -> Any:
-    """A NamedSharding per array of `state` (or its shapes) under config.mesh.param_sharding.
-
-    Configs saved before that field existed mean 'replicated'.
-    """
-    m = config.mesh
-    return sharding.state_shardings(
-        state,
-        mesh,
-        rule=m.get("param_sharding", "replicated"),
-        min_size=int(m.get("fsdp_min_size", 2**14)),
-    )
-
-
-def make_learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up to the peak, then cosine, linear or no decay to the end."""
-    o = config.optimizer
-    peak = o.learning_rate
-    end = peak * o.end_learning_rate_factor
-    warmup = min(o.warmup_steps, config.train_steps)
-    rest = max(config.train_steps - warmup, 1)
-    if o.decay == "cosine":
-        decay = optax.cosine_decay_schedule(peak, rest, alpha=o.end_learning_rate_factor)
-    elif o.decay == "linear":
-        decay = optax.linear_schedule(peak, end, rest)
-    elif o.decay == "constant":
-        decay = optax.constant_schedule(peak)
-    else:
-        raise ValueError(
-            f"config.optimizer.decay={o.decay!r}: expected one of 'cosine', 'linear', 'constant'"
-        )
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam on the learning-rate schedule, after optional global-norm clipping."""
-    o = config.optimizer
-    adam = optax.adam(make_learning_rate(config), b1=o.b1, b2=o.b2, eps=o.eps)
-    if o.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), adam)
-    return adam
-
-
-def init_key(seed: int) -> jax.Array:
-    """The parameter-initialisation key of a seed.
-
-    The 'rbg' generator: XLA on CPU compiles the U-Net's initialisers in
-    about 30 s with the default threefry generator, in about 6 s with rbg.
-    Parameters are drawn once on one device, so rbg's dependence on
-    partitioning does not matter here.
-    """
-    return jax.random.key(seed, impl="rbg")
-
-
-def abstract_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainState:
-    """The TrainState's structure as ShapeDtypeStructs on `mesh`, to restore into.
-
-    Shardings follow `state_sharding`. Costs no initialisation: shapes come
-    from `jax.eval_shape`.
-    """
-    shapes = jax.eval_shape(functools.partial(create_train_state, config), init_key(0))
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        shapes,
-        state_sharding(config, mesh, shapes),
-    )
-
-
-def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
-    """A fresh TrainState (params from `rng`, step 0) on the default device."""
-    model = models.from_config(config)
-    s = config.image_size
-    init = jax.jit(functools.partial(model.init, train=False))
-    variables = init(rng, jnp.zeros((1, s, s, 1), jnp.float32))
-    if set(variables) != {"params"}:
-        raise ValueError(
-            f"the model has mutable collections {sorted(set(variables) - {'params'})}; "
-            "TrainState here carries params only"
-        )
-    params, tx = variables["params"], make_optimizer(config)
-    if config.get("ema_decay", 0.0) > 0:
-        # A copy, not the same buffers: the train step donates the whole state.
-        state = EmaTrainState.create(
-            apply_fn=model.apply, params=params, tx=tx, ema_params=jax.tree.map(jnp.copy, params)
-        )
-    else:
-        state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-    # A strongly typed int32 step: the first call then has the same signature
-    # as all later ones, so the jitted step compiles once.
-    return state.replace(step=jnp.zeros((), jnp.int32))
-
-
-def initial_params(source: str, like: Any) -> Any:
-    """Trained parameters to start from: a shipped model's, or a run's latest checkpoint's.
-
-    Args:
-      source: a shipped model name or folder (`vertjax.shipped`), or a
-        training run's folder (its latest checkpoint; the moving average
-        where the run kept one).
-      like: the configured network's parameters (or their shapes).
-
-    Returns:
-      Host arrays with the structure and dtypes of `like`.
-
-    Raises:
-      ValueError: `source` is neither or cannot be read, or its network
-        differs from the configured one (naming the first parameter).
-    """
-    params = jax.device_get(_trained_params(source))
-    shipped.check_params(params, like, where=f"config.init_from={source}")
-    return jax.tree.map(lambda new, old: np.asarray(new, old.dtype), params, like)
-
-
-def _trained_params(source: str) -> Any:
-    if shipped.is_model(source):
-        return shipped.load(source).params
-    ckpt_dir = os.path.join(os.path.abspath(source), "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise ValueError(
-            f"config.init_from={source!r} is neither a shipped model "
-            f"({', '.join(shipped.names()) or 'none'}) nor a training run folder"
-        )
-    ckpt = checkpoints.Checkpointer(ckpt_dir, read_only=True)
-    try:
-        step = ckpt.resolve("latest")
-        saved = ml_collections.ConfigDict(ckpt.restore_config(step))
-        state, _ = ckpt.restore(step, state=abstract_train_state(saved, make_mesh(1)))
-    finally:
-        ckpt.close()
-    return inference_params(state)
-
-
-def warm_start(state: TrainState, params: Any) -> TrainState:
-    """`state` with `params` (from `initial_params`) as parameters and as their average."""
+def warm_start(state: runs.TrainState, params: Any) -> runs.TrainState:
+    """`state` with `params` (from `runs.trained_params`) as parameters and as their average."""
     params = jax.tree.map(jnp.asarray, params)
-    if isinstance(state, EmaTrainState):
+    if isinstance(state, runs.EmaTrainState):
         return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
     return state.replace(params=params)
 
@@ -229,7 +65,7 @@ def sigma_at(step: jax.Array, *, sigma: float, sigma_start: float, decay_steps: 
 
 
 def train_step(
-    state: TrainState,
+    state: runs.TrainState,
     batch: dict[str, jax.Array],
     rng: jax.Array,
     *,
@@ -241,7 +77,7 @@ def train_step(
     learning_rate_fn: optax.Schedule,
     aug: augment.Augment | None,
     ema_decay: float = 0.0,
-) -> tuple[TrainState, dict[str, jax.Array]]:
+) -> tuple[runs.TrainState, dict[str, jax.Array]]:
     """One optimiser step.
 
     Args:
@@ -297,7 +133,7 @@ def train_step(
 def make_train_step(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, state_shardings: Any = None
 ) -> Callable[
-    [TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]
+    [runs.TrainState, dict[str, jax.Array], jax.Array], tuple[runs.TrainState, dict[str, jax.Array]]
 ]:
     """The jitted train step for `config` on `mesh` (state donated).
 
@@ -313,11 +149,11 @@ def make_train_step(
         sigma=float(config.sigma),
         sigma_start=float(config.sigma_start),
         sigma_decay_steps=int(config.sigma_decay_steps),
-        learning_rate_fn=make_learning_rate(config),
+        learning_rate_fn=runs.make_learning_rate(config),
         aug=augment.Augment.from_config(config),
         ema_decay=float(config.get("ema_decay", 0.0)),
     )
-    rep, shard = replicated(mesh), data_sharded(mesh)
+    rep, shard = sharding.replicated(mesh), sharding.data_sharded(mesh)
     kept = rep if state_shardings is None else state_shardings
     return jax.jit(
         step, in_shardings=(kept, shard, rep), out_shardings=(kept, rep), donate_argnums=0
@@ -353,132 +189,182 @@ def _check_finite(
     return [(step, {k: float(v) for k, v in m.items()}) for step, m in fetched]
 
 
-def _config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
-    current = config.to_dict()
-
-    def walk(a: Any, b: Any, prefix: str) -> list[str]:
-        if isinstance(a, dict) and isinstance(b, dict):
-            out = []
-            for key in sorted(set(a) | set(b)):
-                out += walk(a.get(key), b.get(key), f"{prefix}{key}.")
-            return out
-        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-            a, b = list(a), list(b)
-        return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
-
-    return walk(saved, current, "")
-
-
-def open_dataset(config: ml_collections.ConfigDict) -> Any:
-    """The configured TFDS builder, built on first use."""
-    d = config.dataset
-    # Several processes never build: they would all write the same files.
-    return data.get_builder(
-        d.name,
-        data_dir=d.data_dir or None,
-        manual_dir=d.manual_dir or None,
-        build=jax.process_count() == 1,
-    )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir`, then evaluates one of its checkpoints.
 
     Returns the `results.json` record of `config.eval_checkpoint` ('best' by
     validation ID accuracy, or 'latest') on `config.eval_split`; see `train`
-    and `evaluate_checkpoint`.
+    and `evaluate.evaluate_checkpoint`.
     """
     train(config, workdir)
-    return evaluate_checkpoint(
+    return evaluate.evaluate_checkpoint(
         config, workdir, split=config.eval_split, checkpoint=config.eval_checkpoint
     )
 
 
-def _check_config(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """Fails fast on config faults; returns the device mesh."""
-    config_checks.check(config)
-    sharding.check_param_rule(config.mesh.param_sharding)
-    for name in ("train_steps", "log_every", "eval_every", "checkpoint_every", "image_size"):
-        if int(config[name]) <= 0:
-            raise ValueError(f"config.{name} must be positive, got {config[name]}")
-    mesh = make_mesh(config.mesh.data)
-    check_batch_size(config.batch_size, mesh)
-    check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-    return mesh
+@dataclasses.dataclass
+class _Data:
+    """The opened dataset of a run: sources and pixel statistics."""
+
+    train: Any
+    validation: Any
+    mean: float
+    std: float
 
 
-def _evaluator(
-    config: ml_collections.ConfigDict,
-    mesh: jax.sharding.Mesh,
-    state: TrainState,
-    *,
-    mean: float,
-    std: float,
-    train_source: Any,
-) -> evaluate.Evaluator:
-    """The evaluator of `state`'s network, with the parameters sharded as in `state`."""
-    return evaluate.Evaluator(
-        config,
-        mesh,
-        apply_fn=state.apply_fn,
+def _open_data(config: ml_collections.ConfigDict) -> _Data:
+    builder = runs.open_dataset(config)
+    mean, std = datasets.pixel_stats(builder)
+    data = _Data(
+        train=builder.as_data_source("train"),
+        validation=builder.as_data_source(config.val_split),
         mean=mean,
         std=std,
-        train_source=train_source,
-        param_sharding=jax.tree.map(lambda x: x.sharding, state.params),
     )
-
-
-def evaluate_checkpoint(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    *,
-    split: str,
-    checkpoint: str | int = "best",
-) -> dict[str, Any]:
-    """Evaluates a checkpoint of `workdir` on `split`; writes results.json/.md.
-
-    Args:
-      config: the run config (the model must match the checkpoint's).
-      workdir: the training run's directory.
-      split: dataset split, e.g. 'test'.
-      checkpoint: 'best' (validation ID accuracy), 'latest' or a step number.
-
-    Returns:
-      The results record (as written to `<workdir>/results.json`).
-    """
-    workdir = os.path.abspath(workdir)
-    mesh = _check_config(config)
-    builder = open_dataset(config)
-    mean, std = data.pixel_stats(builder)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise ValueError(f"{workdir} has no checkpoints directory; train first (--mode=train)")
-    ckpt = checkpoints.Checkpointer(ckpt_dir, read_only=True)
-    try:
-        step = ckpt.resolve(checkpoint)
-        state, meta = ckpt.restore(step, state=abstract_train_state(config, mesh))
-    finally:
-        ckpt.close()
-    train_source = builder.as_data_source("train") if config.postprocess.enabled else None
-    evaluator = _evaluator(config, mesh, state, mean=mean, std=std, train_source=train_source)
-    summary = evaluator.run(inference_params(state), builder.as_data_source(split))
-    record = evaluate.results_record(
-        summary,
-        config=config,
-        split=split,
-        checkpoint_step=step,
-        train_seconds=float(meta.get("train_seconds", 0.0)),
-    )
-    evaluate.write_results(workdir, record)
     logging.info(
-        "checkpoint %d on %s: id_accuracy %s, rmse_px %s (%s)",
-        step,
-        split,
-        record.get("id_accuracy"),
-        record.get("rmse_px"),
-        os.path.join(workdir, evaluate.RESULTS_JSON),
+        "dataset %s: %d train, %d %s records; pixel mean %.2f std %.2f",
+        config.dataset.name,
+        len(data.train),
+        len(data.validation),
+        config.val_split,
+        mean,
+        std,
     )
-    return record
+    return data
+
+
+def _restore_or_init(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    ckpt: checkpoints.Checkpointer,
+    train_iter: Any,
+    warm: Any,
+) -> tuple[runs.TrainState, dict[str, Any]]:
+    """The latest checkpoint's state and meta (restoring the data position too),
+    or a fresh state (from `warm` parameters when given) with empty meta."""
+    start = ckpt.latest_step()
+    if start is None:
+        state = runs.create_train_state(config, runs.init_key(config.seed))
+        if warm is not None:
+            state = warm_start(state, warm)
+            logging.info("initial parameters from %s", config.init_from)
+        return jax.device_put(state, runs.state_sharding(config, mesh, state)), {}
+    for line in config_checks.differences(ckpt.restore_config(start), config):
+        logging.warning("config differs from the checkpoint: %s", line)
+    state, meta = ckpt.restore(
+        start, state=runs.abstract_train_state(config, mesh), data_iterator=train_iter
+    )
+    logging.info("resumed from %s at step %d", ckpt.directory, start)
+    return state, meta
+
+
+@dataclasses.dataclass
+class _Book:
+    """What the loop carries between steps and saves with each checkpoint."""
+
+    train_seconds: float = 0.0
+    validation: dict[str, Any] | None = None
+    # Losses since the last log line; saved with checkpoints so that a resumed
+    # run logs the same means as an uninterrupted one.
+    window: list[float] = dataclasses.field(default_factory=list)
+    pending: list[tuple[int, dict[str, jax.Array]]] = dataclasses.field(default_factory=list)
+    clock: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> _Book:
+        return cls(
+            train_seconds=float(meta.get("train_seconds", 0.0)),
+            validation=meta.get("validation"),
+            window=[float(x) for x in meta.get("loss_window", [])],
+        )
+
+    def fetch(self) -> list[tuple[int, dict[str, float]]]:
+        """The pending step metrics, checked finite; adds their time and losses."""
+        fetched = _check_finite(self.pending)
+        self.pending = []
+        self.window += [m["loss"] for _, m in fetched]
+        now = time.perf_counter()
+        self.train_seconds += now - self.clock
+        self.clock = now
+        return fetched
+
+    def meta(self, mean: float, std: float) -> dict[str, Any]:
+        return {
+            "train_seconds": self.train_seconds,
+            "validation": self.validation,
+            "loss_window": self.window,
+            # Inference needs these, and need not open the dataset for them.
+            "pixel_mean": mean,
+            "pixel_std": std,
+        }
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What the loop's bookkeeping (logging, validation, checkpoints) works with."""
+
+    config: ml_collections.ConfigDict
+    data: _Data
+    train_iter: Any
+    evaluator: evaluate.Evaluator
+    ckpt: checkpoints.Checkpointer
+    writer: run_log.MetricWriter
+    progress: run_log.Progress
+    book: _Book
+
+    def after_step(self, step: int, state: runs.TrainState) -> None:
+        """Logs, validates and checkpoints when `step` is due for it (and at the end)."""
+        c = self.config
+        last = step == c.train_steps
+        do_log = step % c.log_every == 0 or last
+        do_eval = step % c.eval_every == 0 or last
+        do_save = step % c.checkpoint_every == 0 or last
+        if not (do_log or do_eval or do_save):
+            return
+        book = self.book
+        fetched = book.fetch()
+        if do_log:
+            rate = self.progress.report(step)
+            mean_loss = float(np.mean(book.window))
+            self.writer.write(step, "train", {**fetched[-1][1], "loss": mean_loss, **rate})
+            book.window = []
+        fresh = self.validate(step, state) if do_eval else None
+        if do_save:
+            self.ckpt.save(
+                step,
+                state=state,
+                data_iterator=self.train_iter,
+                config=c,
+                meta=book.meta(self.data.mean, self.data.std),
+                metrics=fresh,
+            )
+        book.clock = time.perf_counter()
+
+    def validate(self, step: int, state: runs.TrainState) -> dict[str, Any]:
+        """Validation metrics of `state` (with per-vertebra figures, for the checkpointer)."""
+        fresh = self.evaluator.run(
+            runs.inference_params(state),
+            self.data.validation,
+            max_batches=self.config.val_max_batches,
+        )
+        self.book.validation = {k: v for k, v in fresh.items() if k != "per_vertebra"}
+        self.writer.write(step, "validation", self.book.validation)
+        logging.info(
+            "step %d validation: id_accuracy %.4f, rmse_px %.2f",
+            step,
+            fresh["id_accuracy"],
+            fresh["rmse_px"],
+        )
+        return fresh
+
+
+def _train_iterator(config: ml_collections.ConfigDict, data: _Data) -> Any:
+    fields = ("batch_size", "seed", "image_size", "num_workers", "read_threads")
+    return iter(
+        input_pipeline.train_dataset(
+            data.train, mean=data.mean, std=data.std, **{f: config[f] for f in fields}
+        )
+    )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
@@ -493,142 +379,66 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       ValueError: a config that cannot work (batch size vs devices, names).
     """
     workdir = os.path.abspath(workdir)
-    mesh = _check_config(config)
-
-    builder = open_dataset(config)
-    mean, std = data.pixel_stats(builder)
-    train_source = builder.as_data_source("train")
-    val_source = builder.as_data_source(config.val_split)
-    logging.info(
-        "dataset %s: %d train, %d %s records; pixel mean %.2f std %.2f",
-        config.dataset.name,
-        len(train_source),
-        len(val_source),
-        config.val_split,
-        mean,
-        std,
-    )
-
-    train_data = input_pipeline.train_dataset(
-        train_source,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        mean=mean,
-        std=std,
-        image_size=config.image_size,
-        num_workers=config.num_workers,
-        read_threads=config.read_threads,
-    )
-    train_iter = iter(train_data)
-    # Augmentation keys: threefry, which gives the same numbers however the
-    # batch is partitioned; folded with the step inside the train step.
-    step_rng = sharding.replicated_key(config.seed + 1, mesh)
-
+    mesh = config_checks.checked_mesh(config)
+    data = _open_data(config)
+    train_iter = _train_iterator(config, data)
     # Read and checked before the workdir is made, like the config and data.
     warm = None
     if config.init_from:
-        like = abstract_train_state(config, mesh).params
-        warm = initial_params(config.init_from, like)
-
+        like = runs.abstract_train_state(config, mesh).params
+        warm = runs.trained_params(
+            config.init_from, like, where=f"config.init_from={config.init_from}"
+        )
     # Made only now: a config or dataset fault leaves no workdir behind.
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoints.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
     )
-    meta: dict[str, Any] = {"train_seconds": 0.0, "validation": None}
-    start = ckpt.latest_step()
-    if start is None:
-        state = create_train_state(config, init_key(config.seed))
-        if warm is not None:
-            state = warm_start(state, warm)
-            logging.info("initial parameters from %s", config.init_from)
-        state = jax.device_put(state, state_sharding(config, mesh, state))
-    else:
-        for line in _config_differences(ckpt.restore_config(start), config):
-            logging.warning("config differs from the checkpoint: %s", line)
-        state, meta = ckpt.restore(
-            start, state=abstract_train_state(config, mesh), data_iterator=train_iter
-        )
-        logging.info("resumed from %s at step %d", ckpt.directory, start)
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    logging.info("model: %d parameters", n_params)
+    state, meta = _restore_or_init(config, mesh, ckpt, train_iter, warm)
     start = int(jax.device_get(state.step))
-
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    evaluator = _evaluator(config, mesh, state, mean=mean, std=std, train_source=train_source)
+    logging.info(
+        "model: %d parameters", sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    )
+    evaluator = evaluate.Evaluator(
+        config,
+        mesh,
+        apply_fn=state.apply_fn,
+        mean=data.mean,
+        std=data.std,
+        train_source=data.train,
+        param_sharding=jax.tree.map(lambda x: x.sharding, state.params),
+    )
+    step_fn = make_train_step(config, mesh, jax.tree.map(lambda x: x.sharding, state))
+    # Augmentation keys: threefry, which gives the same numbers however the
+    # batch is partitioned; folded with the step inside the train step.
+    step_rng = sharding.replicated_key(config.seed + 1, mesh)
     writer = run_log.MetricWriter(workdir)
     writer.drop_after(start)
-    progress = run_log.Progress(config.train_steps)
-    step_fn = make_train_step(config, mesh, shardings)
-    train_seconds = float(meta.get("train_seconds", 0.0))
-    validation = meta.get("validation")
-    pending: list[tuple[int, dict[str, jax.Array]]] = []
-    # Losses since the last log line; saved with checkpoints so that a resumed
-    # run logs the same means as an uninterrupted one.
-    window = [float(x) for x in meta.get("loss_window", [])]
+    loop = _Loop(
+        config,
+        data,
+        train_iter,
+        evaluator,
+        ckpt,
+        writer,
+        run_log.Progress(config.train_steps),
+        _Book.from_meta(meta),
+    )
     if start < config.train_steps:
         logging.info("training steps %d to %d", start + 1, config.train_steps)
-    t_last = time.perf_counter()
     try:
         for step in range(start + 1, config.train_steps + 1):
             batch = input_pipeline.put_batch(next(train_iter), mesh)
             state, metrics = step_fn(state, batch, step_rng)
-            pending.append((step, metrics))
-            last = step == config.train_steps
-            do_log = step % config.log_every == 0 or last
-            do_eval = step % config.eval_every == 0 or last
-            do_save = step % config.checkpoint_every == 0 or last
-            if not (do_log or do_eval or do_save):
-                continue
-            fetched = _check_finite(pending)
-            pending = []
-            window += [m["loss"] for _, m in fetched]
-            now = time.perf_counter()
-            train_seconds += now - t_last
-            t_last = now
-            if do_log:
-                rate = progress.report(step)
-                mean_loss = float(np.mean(window))
-                window = []
-                writer.write(step, "train", {**fetched[-1][1], "loss": mean_loss, **rate})
-            fresh = None
-            if do_eval:
-                fresh = evaluator.run(
-                    inference_params(state), val_source, max_batches=config.val_max_batches
-                )
-                validation = {k: v for k, v in fresh.items() if k != "per_vertebra"}
-                writer.write(step, "validation", validation)
-                logging.info(
-                    "step %d validation: id_accuracy %.4f, rmse_px %.2f",
-                    step,
-                    fresh["id_accuracy"],
-                    fresh["rmse_px"],
-                )
-            if do_save:
-                meta = {
-                    "train_seconds": train_seconds,
-                    "validation": validation,
-                    "loss_window": window,
-                    # Inference needs these, and need not open the dataset for them.
-                    "pixel_mean": mean,
-                    "pixel_std": std,
-                }
-                ckpt.save(
-                    step,
-                    state=state,
-                    data_iterator=train_iter,
-                    config=config,
-                    meta=meta,
-                    metrics=fresh,
-                )
-            t_last = time.perf_counter()
+            loop.book.pending.append((step, metrics))
+            loop.after_step(step, state)
     finally:
         writer.close()
     result = TrainResult(
         step=int(jax.device_get(state.step)),
-        train_seconds=train_seconds,
+        train_seconds=loop.book.train_seconds,
         best_step=ckpt.best_step(),
-        last_validation=validation,
+        last_validation=loop.book.validation,
     )
     ckpt.close()
     return result

@@ -1,0 +1,72 @@
+"""How vertjax writes files: whole or not at all, and as plain JSON.
+
+Every writer in the project (predictions, overlays, CSV, results, reports,
+metric logs) goes through `write_atomic`: a reader never sees a half-written
+file, and an interrupted run leaves the previous version (or nothing), not
+a truncated one. `plain` turns numpy values into what JSON can hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Writes `data` (text as UTF-8) to a temporary file beside `path`, then
+    renames it into place."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes the file private (0600); give it the mode any new file gets.
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 2) -> None:
+    """`plain(value)` as JSON (one trailing newline), atomically."""
+    write_atomic(path, json.dumps(plain(value), indent=indent) + "\n")
+
+
+def plain(value: Any) -> Any:
+    """A JSON-friendly copy: numpy arrays and scalars to Python, non-finite floats to None."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, jax arrays
+        value = value.tolist()
+        if isinstance(value, list):
+            return plain(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; an undefined metric reads as null
+    return value
+
+
+def folder_problem(out: str | os.PathLike) -> str | None:
+    """Why `out` cannot be an output folder (a file on its path), or None."""
+    out = Path(out)
+    for path in (out, *out.parents):
+        if path.exists():
+            return None if path.is_dir() else f"{path} is a file, not a folder"
+    return None
