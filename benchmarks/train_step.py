@@ -190,20 +190,11 @@ def define_flags() -> None:
     common.define_timing_flags(torch=True)
 
 
-def main(argv: Sequence[str]) -> None:
-    info = common.start_timing(argv)
-    model_kwargs = dict(
-        depth=FLAGS.depth,
-        norm=FLAGS.norm,
-        upsample=FLAGS.upsample,
-        max_features=FLAGS.max_features or None,
-    )
-    data = make_batch(FLAGS.batch, FLAGS.size)
-    torch_device = common.torch_device(info)
-    features_list = common.list_value("features")
-    settings = {**common.flag_values(), "features": features_list, "torch_device": torch_device}
-    results: dict[str, Any] = {"machine": info, "args": settings, "network": [], "losses": []}
-    rows = []
+def time_networks(
+    features_list: list[int], data: dict, model_kwargs: dict, torch_device: str | None
+) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """The network table: vertjax (and baseline, PyTorch) per base width; (rows, records)."""
+    rows, records = [], []
     for features in features_list:
         contenders = {}
         jax_run, jax_params = vertjax_step(features, FLAGS.loss, data, model_kwargs)
@@ -237,7 +228,7 @@ def main(argv: Sequence[str]) -> None:
                 base_s and base_s["median_s"] / jax_s["median_s"],
             ]
         )
-        results["network"].append(
+        records.append(
             {
                 "features": features,
                 "params_vertjax": jax_params,
@@ -248,50 +239,65 @@ def main(argv: Sequence[str]) -> None:
                 "torch_over_vertjax": speedup,
             }
         )
+    return rows, records
+
+
+def time_losses(features: int, data: dict, model_kwargs: dict) -> list[dict[str, Any]]:
+    """The per-loss table: the vertjax train step with each loss; prints it, returns records."""
+    contenders = {
+        name: vertjax_step(features, name, data, model_kwargs)[0]
+        for name in ("mse", "l1", "l2", "l3")
+    }
+    samples = common.time_interleaved(contenders, repeats=FLAGS.loss_repeats, warmup=2)
+    base = common.stats(samples["mse"])["median_s"]
+    rows, records = [], []
+    for name, times in samples.items():
+        s = common.stats(times)
+        overhead = 100.0 * (s["median_s"] / base - 1.0)
+        rows.append([name, s["median_s"], s["min_s"], overhead])
+        records.append({"loss": name, **s, "overhead_over_mse_pct": overhead})
+    print(f"\nvertjax train step per loss, features {features}, median of {FLAGS.loss_repeats} (s)")
+    print(common.format_table(["loss", "step s", "(min)", "over mse %"], rows))
+    return records
+
+
+NETWORK_COLUMNS = [
+    "features",
+    "params vertjax",
+    "params torch",
+    "vertjax s",
+    "(min)",
+    "torch s",
+    "(min)",
+    "baseline s",
+    "torch/vertjax",
+    "baseline/vertjax",
+]
+
+
+def main(argv: Sequence[str]) -> None:
+    info = common.start_timing(argv)
+    model_kwargs = dict(
+        depth=FLAGS.depth,
+        norm=FLAGS.norm,
+        upsample=FLAGS.upsample,
+        max_features=FLAGS.max_features or None,
+    )
+    data = make_batch(FLAGS.batch, FLAGS.size)
+    torch_device = common.torch_device(info)
+    features_list = common.list_value("features")
+    settings = {**common.flag_values(), "features": features_list, "torch_device": torch_device}
+    rows, network = time_networks(features_list, data, model_kwargs, torch_device)
     print(
         f"\ntrain step, batch {FLAGS.batch} x {FLAGS.size}^2, loss {FLAGS.loss}, "
         f"UNet(depth={FLAGS.depth}, norm={FLAGS.norm}, upsample={FLAGS.upsample}, "
         f"max_features={FLAGS.max_features or None}), "
         f"median of {FLAGS.repeats} (s)"
     )
-    print(
-        common.format_table(
-            [
-                "features",
-                "params vertjax",
-                "params torch",
-                "vertjax s",
-                "(min)",
-                "torch s",
-                "(min)",
-                "baseline s",
-                "torch/vertjax",
-                "baseline/vertjax",
-            ],
-            rows,
-        )
-    )
-
-    if FLAGS.loss_table:
-        contenders = {
-            name: vertjax_step(features_list[0], name, data, model_kwargs)[0]
-            for name in ("mse", "l1", "l2", "l3")
-        }
-        samples = common.time_interleaved(contenders, repeats=FLAGS.loss_repeats, warmup=2)
-        base = common.stats(samples["mse"])["median_s"]
-        loss_rows = []
-        for name, times in samples.items():
-            s = common.stats(times)
-            overhead = 100.0 * (s["median_s"] / base - 1.0)
-            loss_rows.append([name, s["median_s"], s["min_s"], overhead])
-            results["losses"].append({"loss": name, **s, "overhead_over_mse_pct": overhead})
-        print(
-            f"\nvertjax train step per loss, features {features_list[0]}, "
-            f"median of {FLAGS.loss_repeats} (s)"
-        )
-        print(common.format_table(["loss", "step s", "(min)", "over mse %"], loss_rows))
-
+    print(common.format_table(NETWORK_COLUMNS, rows))
+    per_loss = time_losses(features_list[0], data, model_kwargs) if FLAGS.loss_table else []
     if FLAGS.json:
+        results = {"machine": info, "args": settings, "network": network, "losses": per_loss}
         common.write_json(FLAGS.json, results)
 
 
