@@ -251,7 +251,6 @@ class Command:
     help: str
     define_flags: Callable[[], None]
     main: Callable[[Sequence[str]], int]
-    quiet: bool = True  # JAX and orbax INFO logs off unless -v is given
 
 
 COMMANDS: dict[str, Command] = {
@@ -267,7 +266,7 @@ TRAINING_COMMANDS: tuple[str, ...] = ("train", "evaluate")
 
 def _guarded(command: Command) -> Callable[[Sequence[str]], int]:
     def body(argv: Sequence[str]) -> int:
-        if command.quiet and not FLAGS["verbosity"].present:
+        if not FLAGS["verbosity"].present:
             # orbax and JAX log at INFO on every restore; a user wants the
             # per-file errors and the summary. -v 0 brings them back.
             logging.set_verbosity(logging.WARNING)

@@ -26,8 +26,7 @@ import numpy as np
 from vertjax import heatmaps, imaging, models, postprocess, runs, shipped
 
 
-# eq=False: hashed by identity, so that `make_infer` can cache one per predictor.
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class Predictor:
     """A trained network ready to turn radiographs into named points.
 
@@ -67,7 +66,6 @@ def _infer(variables, images, *, apply, locate, mean, std, flip):
     return locate(models.heatmaps_of(apply, variables, x, flip=flip))
 
 
-@functools.lru_cache(maxsize=8)
 def make_infer(model: Predictor) -> Callable[[np.ndarray], tuple[jax.Array, jax.Array]]:
     """The jit-compiled batch function: uint8 images [B, S, S] -> (points, confidence).
 
@@ -96,7 +94,8 @@ def from_trained(trained: runs.Trained) -> Predictor:
     )
     return Predictor(
         apply=functools.partial(models.from_config(config).apply, train=False),
-        variables={"params": trained.params},
+        # On the device once: each batch's `make_infer` then copies nothing.
+        variables=jax.device_put({"params": trained.params}),
         image_size=int(config.image_size),
         pixel_mean=trained.pixel_mean,
         pixel_std=trained.pixel_std,
