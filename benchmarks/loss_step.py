@@ -10,6 +10,11 @@ loss and its gradient with respect to the predictions [B, 264, 264, 13]:
 - numpy: a plain NumPy forward pass and its analytic gradient;
 - torch: PyTorch eager with autograd (skipped, with a note, without torch;
   `--notorch` skips it too);
+- torch_compile, torch_compile_nchw: the same PyTorch loss and backward
+  under `torch.compile` (inductor), on vertjax's [B, H, W, K] layout and on
+  PyTorch's own [B, K, H, W], whichever suits inductor better per loss
+  (`--notorch_compile` skips them). Each is checked for graph breaks and
+  against the NumPy reference before it is timed;
 - baseline (with --baseline=PATH): another `losses.py`, e.g. an earlier
   version, loaded from PATH and timed in the same run.
 
@@ -17,8 +22,8 @@ The memory floor is the traffic the step cannot avoid (read targets and
 predictions, write the gradient: 3 x B x 264 x 264 x 13 x 4 bytes) at the
 bandwidth of a jit elementwise pass `a * 2 + b` over two such arrays into a
 third, which moves exactly those bytes; it is measured in the same run.
-The jit contenders (vertjax, baseline) and the floor run in alternation
-after a warm-up, then NumPy and PyTorch do; the table gives medians in ms
+The compiled contenders (vertjax, baseline, torch_compile*) and the floor
+run in alternation after a warm-up, then NumPy and PyTorch eager do; the table gives medians in ms
 and the ratios to the floor, to torch and to numpy.
 """
 
@@ -137,6 +142,68 @@ def torch_contender(
     return run
 
 
+TORCH_LAYOUTS = {"torch_compile": 3, "torch_compile_nchw": 1}  # contender -> layer axis
+
+
+def torch_compile_contender(
+    name: str, predictions, targets, labeled, device: str, layer_axis: int
+) -> tuple[Callable[[], Any], dict[str, float]]:
+    """A compiled PyTorch value-and-gradient step, and its checks.
+
+    The loss and its mean are one compiled graph; its backward is compiled
+    by AOTAutograd. The checks: dynamo's graph-break count (0 means one
+    fused graph) and the largest relative difference of the value and the
+    gradient from `numpy_value_and_grad`.
+    """
+    import torch
+
+    from benchmarks import torch_reference
+
+    def to_layout(array):
+        return np.ascontiguousarray(array.transpose(0, 3, 1, 2)) if layer_axis == 1 else array
+
+    p = torch.from_numpy(to_layout(predictions)).to(device).requires_grad_(True)
+    y = torch.from_numpy(to_layout(targets)).to(device)
+    lab = torch.from_numpy(labeled).to(device)
+
+    def step(p, y, lab):
+        return torch_reference.loss(name, p, y, lab, layer_axis).mean()
+
+    # One static-shape graph per loss, layout and batch size (see run_batch).
+    compiled = torch.compile(step, dynamic=False)
+
+    def run():
+        p.grad = None
+        value = compiled(p, y, lab)
+        value.backward()
+        common.torch_sync(device)
+        return value
+
+    value = float(run().detach())
+    grad = p.grad.cpu().numpy()
+    if layer_axis == 1:
+        grad = grad.transpose(0, 2, 3, 1)
+    ref_value, ref_grad = numpy_value_and_grad(name, predictions, targets, labeled)
+    rel_diff = max(
+        abs(value - ref_value) / abs(ref_value),
+        float(np.max(np.abs(grad - ref_grad)) / np.max(np.abs(ref_grad))),
+    )
+    explained = torch._dynamo.explain(step)(p, y, lab)
+    return run, {"graph_breaks": explained.graph_break_count, "max_rel_diff": rel_diff}
+
+
+def _fresh_torch_compile_cache() -> None:
+    """Forgets earlier compiled graphs and lifts dynamo's recompile limit.
+
+    Each (loss, layout) is a separate compile of the same `step` code; past
+    dynamo's limit (8) it would silently fall back to eager.
+    """
+    import torch
+
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = 64
+
+
 def check_agreement(module, predictions, targets, labeled) -> dict[str, float]:
     """Max relative difference of vertjax's value and gradient from NumPy's, per loss."""
     import jax
@@ -160,7 +227,13 @@ def check_agreement(module, predictions, targets, labeled) -> dict[str, float]:
 
 
 def run_batch(
-    batch: int, *, repeats: int, with_numpy: bool, torch_device: str | None, baseline
+    batch: int,
+    *,
+    repeats: int,
+    with_numpy: bool,
+    torch_device: str | None,
+    torch_compile: bool,
+    baseline,
 ) -> dict[str, Any]:
     """Times every contender at batch size `batch` (PyTorch on `torch_device`, if any)."""
     import jax
@@ -171,13 +244,16 @@ def run_batch(
     np_inputs = make_inputs(batch)
     predictions, targets, labeled = (jnp.asarray(a) for a in np_inputs)
     floor_fn = jax.jit(lambda a, b: a * 2.0 + b)
-    # Two groups, each timed in alternation: the jit contenders with the floor,
-    # then NumPy with PyTorch. Their many large temporaries would otherwise
-    # evict the jit contenders' inputs from the cache between calls.
+    # Two groups, each timed in alternation: the compiled contenders with the
+    # floor, then NumPy with PyTorch eager. Their many large temporaries would
+    # otherwise evict the compiled contenders' inputs from the cache between calls.
     jit_group: dict[str, Callable[[], Any]] = {
         "floor": lambda: floor_fn(predictions, targets).block_until_ready()
     }
     eager_group: dict[str, Callable[[], Any]] = {}
+    compile_checks: dict[str, dict[str, Any]] = {}
+    if torch_device is not None and torch_compile:
+        _fresh_torch_compile_cache()
     for name in LOSSES:
         jit_group[f"{name}/vertjax"] = jax_contender(losses, name, predictions, targets, labeled)
         if baseline is not None:
@@ -188,6 +264,11 @@ def run_batch(
             eager_group[f"{name}/numpy"] = lambda name=name: numpy_value_and_grad(name, *np_inputs)
         if torch_device is not None:
             eager_group[f"{name}/torch"] = torch_contender(name, *np_inputs, torch_device)
+        if torch_device is not None and torch_compile:
+            for impl, layer_axis in TORCH_LAYOUTS.items():
+                run, checks = torch_compile_contender(name, *np_inputs, torch_device, layer_axis)
+                jit_group[f"{name}/{impl}"] = run
+                compile_checks.setdefault(name, {})[impl] = checks
     samples = common.time_interleaved(jit_group, repeats=repeats, warmup=2)
     if eager_group:
         samples |= common.time_interleaved(eager_group, repeats=repeats, warmup=2)
@@ -197,6 +278,7 @@ def run_batch(
         "batch": batch,
         "floor": {**floor, "bytes": bytes_moved, "GB_per_s": bytes_moved / floor["median_s"] / 1e9},
         "agreement_max_rel_diff": check_agreement(losses, predictions, targets, labeled),
+        "torch_compile_checks": compile_checks,
         "losses": {},
     }
     for key, times in samples.items():
@@ -216,6 +298,8 @@ def print_batch(result: dict[str, Any], repeats: int) -> None:
     for name, impls in result["losses"].items():
         ms = {impl: s["median_s"] * 1e3 for impl, s in impls.items()}
         vj = ms["vertjax"]
+        compiled = [ms[impl] for impl in TORCH_LAYOUTS if impl in ms]
+        checks = result["torch_compile_checks"].get(name, {})
         rows.append(
             [
                 name,
@@ -224,11 +308,16 @@ def print_batch(result: dict[str, Any], repeats: int) -> None:
                 ms.get("baseline"),
                 ms.get("numpy"),
                 ms.get("torch"),
+                ms.get("torch_compile"),
+                ms.get("torch_compile_nchw"),
                 vj / (floor["median_s"] * 1e3),
                 ms["torch"] / vj if "torch" in ms else None,
+                min(compiled) / vj if compiled else None,
                 ms["numpy"] / vj if "numpy" in ms else None,
                 ms["baseline"] / vj if "baseline" in ms else None,
                 result["agreement_max_rel_diff"][name],
+                max((c["max_rel_diff"] for c in checks.values()), default=None),
+                sum(c["graph_breaks"] for c in checks.values()) if checks else None,
             ]
         )
     print(
@@ -240,11 +329,16 @@ def print_batch(result: dict[str, Any], repeats: int) -> None:
                 "baseline",
                 "numpy",
                 "torch",
+                "compile",
+                "compile nchw",
                 "vs floor",
                 "torch/vj",
+                "best compile/vj",
                 "numpy/vj",
                 "base/vj",
-                "rel diff vs numpy",
+                "vj rel diff",
+                "compile rel diff",
+                "graph breaks",
             ],
             rows,
         )
@@ -256,6 +350,9 @@ def define_flags() -> None:
     common.define_repeats_flag(15, lower_bound=10)
     flags.DEFINE_string("baseline", None, "another losses.py to time alongside")
     flags.DEFINE_bool("numpy", True, "Time the NumPy reference alongside.")
+    flags.DEFINE_bool(
+        "torch_compile", True, "Time torch.compile (inductor) alongside PyTorch eager."
+    )
     common.define_timing_flags(torch=True)
 
 
@@ -272,6 +369,7 @@ def main(argv: Sequence[str]) -> None:
             repeats=FLAGS.repeats,
             with_numpy=FLAGS.numpy,
             torch_device=torch_device,
+            torch_compile=FLAGS.torch_compile,
             baseline=baseline,
         )
         print_batch(result, FLAGS.repeats)

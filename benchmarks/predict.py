@@ -13,6 +13,11 @@ write the JSON (and the overlay PNG, timed with and without):
   warm        one file with the compiled network (median over files)
   throughput  `--files` files in batches of `--batch` (compiled beforehand)
 
+and the same three for the model exported to one file (`vertjax export`,
+`predict --exported`; `--noexported` skips them), with the time to export
+and to load the file. The exported function takes one radiograph of any
+size and compiles once per image size; the generated files share one size.
+
 Inputs are generated radiograph-sized images (default 891 x 2375, the
 median AASCE size: noise over a smooth gradient, written as 8-bit PNG or
 16-bit DICOM). Timings do not depend on the weights, so without
@@ -122,7 +127,7 @@ def run(settings: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
             model = random_model(settings["config"])
         results["model_load_s"] = time.perf_counter() - start
 
-        def timed(batch_files, out, *, batch_size, overlays):
+        def timed(batch_files, out, *, batch_size, overlays, model=model):
             start = time.perf_counter()
             outcome = predict.predict_files(
                 model,
@@ -154,7 +159,33 @@ def run(settings: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
             )
             key = "throughput_overlay" if overlays else "throughput_json"
             results[key] = {"images_per_s": len(many) / elapsed, "seconds": elapsed}
+        if settings["exported"]:
+            results["exported"] = _exported_timings(model, files, tmp, settings, timed)
     return results
+
+
+def _exported_timings(model, files, tmp: Path, settings, timed) -> dict[str, Any]:
+    """Export `model`, load the file, then cold, warm and throughput as above."""
+    from vertjax import export, exported
+
+    path = tmp / "model.vjx"
+    start = time.perf_counter()
+    export.export_model(model, path)
+    out: dict[str, Any] = {"export_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    loaded = inference.ExportedPredictor(exported.load(path))
+    out["load_s"] = time.perf_counter() - start
+    out["file_mb"] = path.stat().st_size / 1e6
+    out["cold_s"] = timed(files[:1], "x_cold", batch_size=1, overlays=True, model=loaded)
+    warm = [
+        timed(files[i : i + 1], f"x_w{i}", batch_size=1, overlays=False, model=loaded)
+        for i in range(1, 6)
+    ]
+    out["warm_json_s"] = statistics.median(warm)
+    many = files[6 : 6 + settings["files"]]
+    elapsed = timed(many, "x_many", batch_size=settings["batch"], overlays=False, model=loaded)
+    out["throughput_json"] = {"images_per_s": len(many) / elapsed, "seconds": elapsed}
+    return out
 
 
 def table(results: dict[str, Any]) -> str:
@@ -183,6 +214,19 @@ def table(results: dict[str, Any]) -> str:
             "images/s",
         ],
     ]
+    x = results.get("exported")
+    if x:
+        rows += [
+            ["exported: export to one file (cpu, cuda, tpu)", x["export_s"], "s"],
+            ["exported: load the file", x["load_s"], "s"],
+            [f"exported: cold: 1 file -> JSON + overlay, incl. compile ({size})", x["cold_s"], "s"],
+            [f"exported: warm: 1 file -> JSON ({size})", x["warm_json_s"], "s"],
+            [
+                f"exported: throughput: {s['files']} files, one call each, JSON only",
+                x["throughput_json"]["images_per_s"],
+                "images/s",
+            ],
+        ]
     return common.format_table(["measurement", "value", "unit"], rows)
 
 
@@ -194,6 +238,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("width", 891, "Width of the generated radiographs (px).")
     flags.DEFINE_integer("height", 2375, "Height of the generated radiographs (px).")
     flags.DEFINE_enum("format", "png", ["png", "dcm"], "8-bit PNG or 16-bit DICOM files.")
+    flags.DEFINE_bool("exported", True, "Also time the model exported to one file.")
     common.define_timing_flags()
 
 

@@ -5,7 +5,8 @@ same padding to a multiple of 2**depth and crop, GroupNorm with up to 8
 groups and epsilon 1e-6 as in flax, nearest x2 + 3x3 conv or a 2x2
 transposed conv up, channels capped at `max_features`, 1x1 linear output);
 `loss` mirrors `vertjax.losses` on [B, H, W, K] tensors with K minor, the
-layout vertjax uses, so both sides do the same work. Nothing in vertjax imports this module: torch is an optional
+layout vertjax uses, so both sides do the same work, or on PyTorch's own
+[B, K, H, W]; it is written so that torch.compile fuses it. Nothing in vertjax imports this module: torch is an optional
 benchmark dependency (`pip install .[bench]`).
 """
 
@@ -120,26 +121,39 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def base_weight(labeled: torch.Tensor, name: str) -> torch.Tensor:
-    """[B, K] weight of the non-hot pixels (rules 2, 3 and else)."""
+    """[B, K] float32 weight of the non-hot pixels (rules 2, 3 and else).
+
+    Float arithmetic and Python-scalar constants throughout, so that
+    torch.compile traces it into the loss kernels without a graph break.
+    """
+    flags = labeled.to(torch.float32)
     if name in ("mse", "l1"):
-        return torch.ones(labeled.shape, dtype=torch.float32, device=labeled.device)
-    padded = F.pad(labeled, (1, 1))
-    beside = padded[:, :-2] | padded[:, 2:]
-    one = torch.ones((), device=labeled.device)
-    return torch.where(labeled, one, torch.where(beside, one * BESIDE_WEIGHT, one * EMPTY_WEIGHT))
+        return torch.ones_like(flags)
+    padded = F.pad(flags, (1, 1))  # layers outside 0..K-1 are unlabelled
+    beside = torch.maximum(padded[:, :-2], padded[:, 2:])
+    return torch.where(flags > 0, 1.0, torch.where(beside > 0, BESIDE_WEIGHT, EMPTY_WEIGHT))
 
 
 def loss(
-    name: str, predictions: torch.Tensor, targets: torch.Tensor, labeled: torch.Tensor
+    name: str,
+    predictions: torch.Tensor,
+    targets: torch.Tensor,
+    labeled: torch.Tensor,
+    layer_axis: int = 3,
 ) -> torch.Tensor:
-    """Per-example loss [B] of [B, H, W, K] tensors; the vertjax losses in torch ops."""
+    """Per-example loss [B]; the vertjax losses in torch ops.
+
+    predictions and targets are [B, H, W, K] (`layer_axis=3`, vertjax's
+    layout) or [B, K, H, W] (`layer_axis=1`, PyTorch's NCHW); labeled is
+    [B, K] bool. One expression per rule, no data-dependent Python, so
+    that inductor fuses the value into one reduction and the gradient into
+    one elementwise kernel (benchmarks.loss_step checks for graph breaks).
+    """
     error = targets - predictions
     if name == "mse":
         return error.square().mean(dim=(1, 2, 3))
-    if name == "l3":
-        hot = targets.amax(dim=-1, keepdim=True) >= HOT_THRESHOLD
-    else:
-        hot = targets >= HOT_THRESHOLD
-    base = base_weight(labeled, name)[:, None, None, :]
-    weight = torch.where(hot, torch.full_like(base, HOT_WEIGHT), base)
+    base = base_weight(labeled, name)
+    base = base[:, :, None, None] if layer_axis == 1 else base[:, None, None, :]
+    tested = targets.amax(dim=layer_axis, keepdim=True) if name == "l3" else targets
+    weight = torch.where(tested >= HOT_THRESHOLD, HOT_WEIGHT, base)
     return (weight * error.square()).mean(dim=(1, 2, 3))

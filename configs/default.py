@@ -80,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.val_max_batches = 0  # 0 = whole split
     config.checkpoint_every = 250
     config.keep_checkpoints = 2  # the latest N, plus the best by validation ID accuracy
+    config.tensorboard_examples = 3  # validation radiographs drawn into TensorBoard (0 = off)
     config.seed = 0
     # Start from trained weights instead of random ones: a shipped model's
     # name (vertjax.shipped.names()) or a training run's folder ('' = off).

@@ -236,7 +236,7 @@ def test_dicom_monochrome1_and_rescale_give_the_right_values(tmp_path, write_dic
     m1 = imaging.read_radiograph(tmp_path / "m1.dcm")
     np.testing.assert_allclose(m1.pixels, 1 - windowed(raw.astype(float)), atol=1e-5)
     assert m1.pixels[0, 0] == 1.0 and m1.pixels[0, -1] == 0.0
-    assert m1.pixel_spacing_mm == pytest.approx(0.2)
+    assert m1.spacing == imaging.PixelSpacing(0.2, 0.2, "PixelSpacing")
     # A negative slope turns the ramp around: the reader must apply it.
     write_dicom(tmp_path / "rescaled.dcm", raw, slope=-2.0, intercept=4000.0)
     rescaled = imaging.read_radiograph(tmp_path / "rescaled.dcm").pixels

@@ -33,7 +33,7 @@ SPEC = {
     "truth_centroids": ((K, 2), np.float32),
     "truth_visible": ((K,), np.bool_),
     "original_size": ((2,), np.int32),
-    "pixel_spacing_mm": ((), np.float32),
+    "pixel_spacing_mm": ((2,), np.float32),
 }
 
 
@@ -278,7 +278,7 @@ def _make_folder(root: Path, write_dicom) -> list[dict]:
     Image.fromarray(rng.integers(0, 4000, (100, 50), dtype=np.uint16)).save(root / "a_lower.tif")
     raw = rng.integers(0, 4000, (90, 70)).astype(np.uint16)
     write_dicom(root / "scans" / "b1.dcm", raw, photometric="MONOCHROME1", slope=2.0, intercept=-5)
-    write_dicom(root / "scans" / "b2.dcm", raw, spacing=(0.15, 0.15))
+    write_dicom(root / "scans" / "b2.dcm", raw, spacing=(0.15, 0.3))
     Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(root / "negative.png")
     rows = [
         {"image": "a_upper.png", "participant": "a", "vertebra": "T4", "x": 30, "y": 10},
@@ -328,14 +328,13 @@ def test_folder_reader_and_build(tmp_path, write_dicom):
     np.testing.assert_array_equal(upper["truth_visible"], upper["labeled"])
     b1, b2 = found["scans/b1.dcm"], found["scans/b2.dcm"]
     assert b1["labeled"][vertebrae.index("T12")]
-    assert b1["pixel_spacing_mm"] == pytest.approx(0.2) and b2["pixel_spacing_mm"] == pytest.approx(
-        0.15
-    )
+    np.testing.assert_allclose(b1["pixel_spacing_mm"], [0.2, 0.2])
+    np.testing.assert_allclose(b2["pixel_spacing_mm"], [0.15, 0.3])  # (row, column)
     # Same raw pixels: MONOCHROME1 is the inverse of MONOCHROME2 (rescale is linear).
     diff = b1["image"].astype(int) + b2["image"].astype(int) - 255
     assert np.abs(diff).max() <= 1
     assert found["negative.png"]["labeled"].sum() == 0
-    assert found["a_upper.png"]["pixel_spacing_mm"] == 0
+    np.testing.assert_array_equal(found["a_upper.png"]["pixel_spacing_mm"], [0, 0])
     # Statistics: exactly the train split's pixels, persisted and reloaded.
     train = np.concatenate([np.asarray(r["image"], float).ravel() for r in by_split["train"]])
     reloaded = tfds.builder("spine_radiographs/folder", data_dir=str(tmp_path / "tfds"))
@@ -484,7 +483,7 @@ def test_cli_build_preview_and_error(tmp_path):
         cwd=REPO,
     )
     assert built.returncode == 0, built.stderr
-    assert "spine_radiographs/folder/1.1.0" in built.stdout
+    assert "spine_radiographs/folder/1.2.0" in built.stdout
     assert "train: 3 radiographs" in built.stdout  # 2 labelled + the negative (by hash)
     assert "validation: 1 radiographs" in built.stdout
     out = tmp_path / "preview.png"
@@ -537,7 +536,8 @@ def test_synthetic_build_schema_splits_and_determinism(tmp_path):
     for recs in by_split.values():
         for r in recs:
             _check_schema(r)
-            assert r["pixel_spacing_mm"] > 0
+            assert np.all(r["pixel_spacing_mm"] > 0)
+            assert r["pixel_spacing_mm"][0] == r["pixel_spacing_mm"][1]  # square film pixels
     _check_participants(by_split, once_per=lambda r: _text(r["participant_id"]))
     # Two films per participant; together they label every one of T4..L4 once.
     labels: dict[str, np.ndarray] = {}

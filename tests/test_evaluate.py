@@ -42,7 +42,7 @@ def _record(index: int, *, labeled, visible, height: int, width: int, spacing: f
         "truth_centroids": centroids,
         "truth_visible": visible,
         "original_size": np.array([height, width], np.int32),
-        "pixel_spacing_mm": np.float32(spacing),
+        "pixel_spacing_mm": np.full(2, spacing, np.float32),
         "participant_id": f"p{index}".encode(),
         "image_id": f"i{index}".encode(),
     }

@@ -20,7 +20,7 @@ def test_png_8bit_scaled_exactly(tmp_path):
     Image.fromarray(pixels).save(path)
     out = imaging.read_radiograph(path)
     assert out.pixels.dtype == np.float32
-    assert out.pixel_spacing_mm is None
+    assert out.spacing is None
     np.testing.assert_allclose(out.pixels, pixels / 255.0, atol=1e-7)
 
 
@@ -74,7 +74,7 @@ def test_dicom_monochrome2_rescale_and_spacing(tmp_path, write_dicom):
     path = tmp_path / "m2.dcm"
     write_dicom(path, raw, slope=2.0, intercept=-100.0, spacing=(0.15, 0.2))
     out = imaging.read_radiograph(path)
-    assert out.pixel_spacing_mm == pytest.approx(0.15)
+    assert out.spacing == imaging.PixelSpacing(0.15, 0.2, "PixelSpacing")
     assert imaging.image_size(path) == (64, 64)
     # Monotonic in the raw value, windowed to [0, 1].
     row = out.pixels[0]
@@ -89,8 +89,97 @@ def test_dicom_monochrome1_inverted_and_imager_spacing(tmp_path, write_dicom):
     write_dicom(m2, raw, photometric="MONOCHROME2", spacing=None)
     one, two = imaging.read_radiograph(m1), imaging.read_radiograph(m2)
     np.testing.assert_allclose(one.pixels, 1.0 - two.pixels, atol=1e-6)
-    assert one.pixel_spacing_mm == pytest.approx(0.2)
-    assert two.pixel_spacing_mm is None
+    assert one.spacing == imaging.PixelSpacing(0.2, 0.2, "ImagerPixelSpacing")
+    assert two.spacing is None
+
+
+# DICOM display and spacing rules, one generated file per branch.
+_RAMP = np.tile(np.arange(0, 4000, 50, dtype=np.uint16), (40, 1))  # 40 x 80
+
+
+def test_pixel_spacing_is_row_then_column(tmp_path, write_dicom):
+    path = tmp_path / "a.dcm"
+    write_dicom(path, _RAMP, spacing=(0.2, 0.1))
+    spacing = imaging.read_radiograph(path).spacing
+    assert spacing == imaging.PixelSpacing(0.2, 0.1, "PixelSpacing")
+    assert spacing.to_mm(10.0, 10.0) == pytest.approx((1.0, 2.0))  # x by column, y by row
+
+
+def test_imager_spacing_corrected_by_magnification_and_pixel_spacing_first(tmp_path, write_dicom):
+    import pydicom
+
+    path = tmp_path / "imager.dcm"
+    write_dicom(
+        path, _RAMP, spacing=(0.2, 0.3), spacing_tag="ImagerPixelSpacing", magnification=1.25
+    )
+    spacing = imaging.read_radiograph(path).spacing
+    assert (spacing.row_mm, spacing.column_mm) == pytest.approx((0.16, 0.24))
+    assert spacing.source == "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor"
+    # With both present, PixelSpacing (already at the patient) wins, uncorrected.
+    ds = pydicom.dcmread(path)
+    ds.PixelSpacing = [0.5, 0.4]
+    ds.save_as(path)
+    assert imaging.read_radiograph(path).spacing == imaging.PixelSpacing(0.5, 0.4, "PixelSpacing")
+
+
+def test_bad_spacing_or_magnification_named(tmp_path, write_dicom):
+    import pydicom
+
+    path = tmp_path / "one_value.dcm"
+    write_dicom(path, _RAMP)
+    ds = pydicom.dcmread(path)
+    ds.PixelSpacing = [0.2]
+    ds.save_as(path)
+    with pytest.raises(imaging.ImageError, match="one_value.dcm: PixelSpacing must hold two"):
+        imaging.read_radiograph(path)
+    path = tmp_path / "zero.dcm"
+    write_dicom(path, _RAMP, spacing_tag="ImagerPixelSpacing", magnification=0.0)
+    with pytest.raises(imaging.ImageError, match="MagnificationFactor must be > 0"):
+        imaging.read_radiograph(path)
+
+
+def test_window_center_width_applied(tmp_path, write_dicom):
+    path = tmp_path / "window.dcm"
+    write_dicom(path, _RAMP, window=(2000.0, 1001.0))  # linear over 1500..2500
+    row = imaging.read_radiograph(path).pixels[0]
+    values = _RAMP[0].astype(float)
+    assert row.min() == 0.0 and row.max() == 1.0
+    # DICOM PS3.3 C.11.2.1.2.1: ((x - (c - 0.5)) / (w - 1) + 0.5), clipped to [0, 1].
+    np.testing.assert_allclose(row, np.clip((values - 1999.5) / 1000 + 0.5, 0, 1), atol=1e-6)
+
+
+def test_window_applies_after_rescale_and_monochrome1_inverts(tmp_path, write_dicom):
+    path = tmp_path / "window_m1.dcm"
+    # Rescaled values 2 x raw - 1000 span -1000..6900; the window is on those.
+    write_dicom(
+        path, _RAMP, photometric="MONOCHROME1", slope=2.0, intercept=-1000.0, window=(3000, 2001)
+    )
+    row = imaging.read_radiograph(path).pixels[0]
+    rescaled = 2.0 * _RAMP[0] - 1000.0
+    expected = np.clip((rescaled - 2999.5) / 2000 + 0.5, 0, 1)
+    np.testing.assert_allclose(row, 1.0 - expected, atol=1e-6)
+
+
+def test_voi_lut_sequence_applied(tmp_path, write_dicom):
+    path = tmp_path / "lut.dcm"
+    table = np.rint(np.sqrt(np.arange(4096) / 4095) * 65535).astype(np.uint16)
+    write_dicom(path, _RAMP, bits_stored=12, voi_lut=table)
+    row = imaging.read_radiograph(path).pixels[0]
+    np.testing.assert_allclose(row, table[_RAMP[0]] / 65535.0, atol=1e-6)
+
+
+def test_invalid_window_named(tmp_path, write_dicom):
+    path = tmp_path / "narrow.dcm"
+    write_dicom(path, _RAMP, window=(1000.0, 0.0))
+    with pytest.raises(imaging.ImageError, match="narrow.dcm: invalid DICOM display attributes"):
+        imaging.read_radiograph(path)
+
+
+def test_dicom_without_suffix_detected_by_pydicom(tmp_path, write_dicom):
+    path = tmp_path / "no_suffix"
+    write_dicom(path, _RAMP)
+    assert imaging.is_dicom(path)
+    assert not imaging.is_dicom(tmp_path / "missing")
 
 
 def test_dicom_without_extension_is_detected(tmp_path, write_dicom):

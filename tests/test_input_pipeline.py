@@ -17,7 +17,7 @@ def _record(i: int) -> dict:
         "truth_centroids": np.zeros((13, 2), np.float32),
         "truth_visible": np.ones(13, bool),
         "original_size": np.array([100, 50], np.int32),
-        "pixel_spacing_mm": np.float32(0.1),
+        "pixel_spacing_mm": np.full(2, 0.1, np.float32),
         "participant_id": f"p{i}".encode(),
         "image_id": f"img{i}".encode(),
     }
@@ -48,7 +48,7 @@ def test_train_batch_fields_dtypes_and_normalisation():
     np.testing.assert_allclose(batch["centroids"][:, 0, 0], ids / 100.0, rtol=1e-6)
     assert batch["labeled"].dtype == bool and batch["labeled"].shape == (4, 13)
     assert batch["original_size"].dtype == np.int32
-    assert batch["pixel_spacing_mm"].shape == (4,)
+    assert batch["pixel_spacing_mm"].shape == (4, 2)
 
 
 def test_train_order_is_a_function_of_the_seed():

@@ -119,9 +119,11 @@ def test_train_writes_checkpoints_logs_and_results(trained):
     assert [e["step"] for e in events if e["kind"] == "train"] == [2, 4, 6]
     assert [e["step"] for e in events if e["kind"] == "validation"] == [3, 6]
     assert all(np.isfinite(e["loss"]) for e in events if e["kind"] == "train")
-    assert any(
-        p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir()
-    )
+    (events_file,) = (workdir / "tensorboard").glob("events.out.tfevents*")
+    # Scalars, and at each validation one drawn radiograph (a PNG image summary).
+    written = events_file.read_bytes()
+    assert b"validation/id_accuracy" in written
+    assert b"validation/examples/0" in written and written.count(b"\x89PNG") == 2
     # keep_checkpoints=1: the latest, plus the best by validation ID accuracy.
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 6 and set(steps) <= {3, 6}

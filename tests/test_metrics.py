@@ -49,7 +49,8 @@ def hand_batch():
         truth_centroids=centroids,
         truth_visible=visible,
         original_size=np.array([[200, 100], [100, 100], [50, 50]], np.int32),
-        pixel_spacing_mm=np.array([0.5, 0.0, 1.0], np.float32),
+        # (row, column) mm: image 0's errors are along y, so its row spacing counts.
+        pixel_spacing_mm=np.array([[0.5, 0.25], [0.0, 0.0], [1.0, 1.0]], np.float32),
         mask=np.array([True, True, False]),
     )
 
@@ -79,6 +80,15 @@ def test_hand_worked_batch_without_fallback():
     assert table["T9"]["n"] == 0 and table["T9"]["n_labelled"] == 1
     assert math.isnan(table["T9"]["id_accuracy"])
     assert table["T9"]["mean_error_px"] == pytest.approx(2, rel=1e-5)
+
+
+def test_millimetres_scale_x_by_column_and_y_by_row_spacing():
+    batch = hand_batch()
+    batch["points"][0, 0, 0] += 0.3  # T4 also 3 original px off in x (100 px wide, S = 10)
+    sums = metrics.batch_sums(**batch, image_size=S, threshold=0.5)
+    out = metrics.summarize(metrics.accumulate(None, sums))
+    t4_mm = math.hypot(3 * 0.25, 3 * 0.5)
+    assert out["mean_error_mm"] == pytest.approx((t4_mm + (11 + 39) * 0.5) / 3, rel=1e-5)
 
 
 def test_one_labelled_vertebra_uses_fallback_spacing():

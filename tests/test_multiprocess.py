@@ -60,7 +60,7 @@ def _records(n: int, seed: int) -> list[dict]:
                 "truth_centroids": centroids,
                 "truth_visible": np.ones(13, bool),
                 "original_size": np.array([500, 300 + i], np.int32),
-                "pixel_spacing_mm": np.float32(0.1),
+                "pixel_spacing_mm": np.full(2, 0.1, np.float32),
                 "participant_id": f"p{i}".encode(),
                 "image_id": f"i{i}".encode(),
             }

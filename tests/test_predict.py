@@ -40,16 +40,16 @@ def _blob_image(x0: float, y0: float, *, seed: int) -> np.ndarray:
     return pixels.astype(np.float32)
 
 
-# (file name, blob x, blob y, pixel spacing in mm or None)
+# (file name, blob x, blob y, (row, column) pixel spacing in mm or None)
 FILES = (
     ("upper.png", 300.25, 700.5, None),
     ("lower.tif", 1111.3, 2507.8, None),
-    ("mono1.dcm", 750.0, 1800.0, 0.2),
-    ("mono2_no_suffix", 1200.7, 400.2, 0.143),
+    ("mono1.dcm", 750.0, 1800.0, (0.2, 0.2)),
+    ("mono2_no_suffix", 1200.7, 400.2, (0.143, 0.286)),
 )
 
 
-def _write_inputs(folder: Path) -> dict[str, tuple[float, float, float | None]]:
+def _write_inputs(folder: Path) -> dict[str, tuple[float, float, tuple[float, float] | None]]:
     """The mixed folder: 8-bit PNG, 16-bit TIFF, DICOM MONOCHROME1 and 2."""
     folder.mkdir(parents=True, exist_ok=True)
     for seed, (name, x0, y0, spacing) in enumerate(FILES):
@@ -114,7 +114,8 @@ def test_centroids_come_back_in_original_pixels(inputs, tmp_path):
     for name, (x0, y0, spacing) in truth.items():
         record = json.loads((out / f"{Path(name).stem}.json").read_text())
         assert (record["width"], record["height"]) == (WIDTH, HEIGHT)
-        assert record["pixel_spacing_mm"] == spacing
+        expected = None if spacing is None else {"row": spacing[0], "column": spacing[1]}
+        assert record["pixel_spacing_mm"] == expected
         for v in record["vertebrae"]:
             # A tenth of a model pixel: 0.57 px across, 1.4 px down here (measured: < 0.03).
             assert v["x"] == pytest.approx(x0, abs=0.1 * WIDTH / SIZE), name
@@ -123,8 +124,8 @@ def test_centroids_come_back_in_original_pixels(inputs, tmp_path):
             if spacing is None:
                 assert v["x_mm"] is None and v["y_mm"] is None
             else:
-                assert v["x_mm"] == pytest.approx(v["x"] * spacing, abs=1e-3)
-                assert v["y_mm"] == pytest.approx(v["y"] * spacing, abs=1e-3)
+                assert v["x_mm"] == pytest.approx(v["x"] * spacing[1], abs=1e-3)
+                assert v["y_mm"] == pytest.approx(v["y"] * spacing[0], abs=1e-3)
 
 
 def test_to_original_scales_each_axis_by_its_own_size():
@@ -166,12 +167,24 @@ def test_prediction_record_schema():
         image="a.png",
         width=10,
         height=20,
-        pixel_spacing_mm=0.5,
+        spacing=imaging.PixelSpacing(0.5, 0.25, "PixelSpacing"),
         points=points,
         confidence=conf,
         present=conf >= 0.5,
+        model={"model": "m", "checkpoint_step": 3},
     )
-    assert list(record) == ["image", "width", "height", "pixel_spacing_mm", "vertebrae"]
+    assert list(record) == [
+        "image",
+        "width",
+        "height",
+        "pixel_spacing_mm",
+        "pixel_spacing_source",
+        "model",
+        "vertebrae",
+    ]
+    assert record["pixel_spacing_mm"] == {"row": 0.5, "column": 0.25}
+    assert record["pixel_spacing_source"] == "PixelSpacing"
+    assert record["model"] == {"model": "m", "checkpoint_step": 3}
     assert [v["name"] for v in record["vertebrae"]] == list(vertebrae.NAMES)
     t6 = record["vertebrae"][2]
     assert t6 == {
@@ -180,8 +193,8 @@ def test_prediction_record_schema():
         "y": 5.1235,
         "confidence": round(2 / 12, 6),
         "present": False,
-        "x_mm": 2.0617,
-        "y_mm": 2.5617,
+        "x_mm": 1.0309,  # x times the column spacing
+        "y_mm": 2.5617,  # y times the row spacing
     }
     json.dumps(record, allow_nan=False)
 
@@ -235,10 +248,12 @@ def _assert_csv_matches_json(out: Path) -> None:
     with (out / predict.CSV_FILE).open() as f:
         reader = csv.DictReader(f)
         columns, rows = reader.fieldnames, list(reader)
-    per_image = ("image", "width", "height", "pixel_spacing_mm")
+    per_image = ("image", "width", "height", "pixel_spacing_source")
+    spacing = {"pixel_spacing_row_mm": "row", "pixel_spacing_column_mm": "column"}
+    stamp = ("model", "checkpoint_step", "vertjax_version", "config_sha256")
     per_vertebra = {"vertebra": "name", "x": "x", "y": "y", "confidence": "confidence"}
     per_vertebra |= {"present": "present", "x_mm": "x_mm", "y_mm": "y_mm"}
-    assert set(columns) == {"path", "output", *per_image, *per_vertebra}
+    assert set(columns) == {"path", "output", *per_image, *spacing, *stamp, *per_vertebra}
 
     def cell(value) -> str:
         return "" if value is None else str(value)
@@ -255,6 +270,10 @@ def _assert_csv_matches_json(out: Path) -> None:
             assert Path(row["path"]).name == record["image"]
             for column in per_image:
                 assert row[column] == cell(record[column]), (output, column)
+            for column, key in spacing.items():
+                assert row[column] == cell((record["pixel_spacing_mm"] or {}).get(key)), output
+            for column in stamp:
+                assert row[column] == cell(record["model"][column]), (output, column)
             for column, key in per_vertebra.items():
                 assert row[column] == cell(v[key]), (output, v["name"], column)
 
@@ -262,11 +281,12 @@ def _assert_csv_matches_json(out: Path) -> None:
 def test_each_name_is_its_own_layer_in_json_and_csv(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    # (width, height, spacing): tall without a spacing, wide with one.
-    sizes = {"tall.png": (1500, 3600, None), "wide.dcm": (900, 700, 0.2)}
+    # (width, height, (row, column) spacing): tall without one, wide with
+    # non-square pixels, where x_mm must use the column spacing.
+    sizes = {"tall.png": (1500, 3600, None), "wide.dcm": (900, 700, (0.2, 0.1))}
     rng = np.random.default_rng(0)  # the network ignores the pixels; the reader refuses blanks
     Image.fromarray(rng.integers(0, 255, (3600, 1500), np.uint8)).save(inputs / "tall.png")
-    imaging.write_dicom(inputs / "wide.dcm", rng.integers(0, 4095, (700, 900)), spacing=0.2)
+    imaging.write_dicom(inputs / "wide.dcm", rng.integers(0, 4095, (700, 900)), spacing=(0.2, 0.1))
     out = tmp_path / "out"
     outcome = predict.predict_files(
         _fixed_model(), input_files.find_inputs([inputs]), out, overlays=False
@@ -285,8 +305,8 @@ def test_each_name_is_its_own_layer_in_json_and_csv(tmp_path):
             if spacing is None:
                 assert v["x_mm"] is None and v["y_mm"] is None, where
             else:
-                assert v["x_mm"] == pytest.approx(x * spacing, abs=1e-3), where
-                assert v["y_mm"] == pytest.approx(y * spacing, abs=1e-3), where
+                assert v["x_mm"] == pytest.approx(x * spacing[1], abs=1e-3), where
+                assert v["y_mm"] == pytest.approx(y * spacing[0], abs=1e-3), where
     _assert_csv_matches_json(out)
 
 
@@ -387,11 +407,19 @@ def test_cli_reports_the_corrupt_file_and_writes_the_others(cli):
     assert not list(out.glob(".*.tmp"))
 
 
-def test_cli_json_schema_and_values(cli):
+def test_cli_json_schema_and_values(cli, run_dir):
     _, out, folder, _ = cli
     for path in out.glob("*.json"):
         record = json.loads(path.read_text())
-        assert set(record) == {"image", "width", "height", "pixel_spacing_mm", "vertebrae"}
+        assert set(record) == {
+            "image",
+            "width",
+            "height",
+            "pixel_spacing_mm",
+            "pixel_spacing_source",
+            "model",
+            "vertebrae",
+        }
         assert isinstance(record["width"], int) and isinstance(record["height"], int)
         assert [v["name"] for v in record["vertebrae"]] == list(vertebrae.NAMES)
         w, h = record["width"], record["height"]
@@ -404,7 +432,12 @@ def test_cli_json_schema_and_values(cli):
             assert v["present"] is (k < 7)  # config presence_threshold 0.5
     mono1 = json.loads((out / "mono1.json").read_text())
     assert mono1["image"] == "mono1.dcm"
-    assert mono1["pixel_spacing_mm"] == pytest.approx(0.2)
+    assert mono1["pixel_spacing_mm"] == {"row": 0.2, "column": 0.2}
+    assert mono1["pixel_spacing_source"] == "PixelSpacing"
+    # Provenance: the run folder, its checkpoint and the config's hash.
+    stamp = mono1["model"]
+    assert Path(stamp["model"]).resolve() == run_dir.resolve()
+    assert stamp["checkpoint_step"] == 6 and len(stamp["config_sha256"]) == 64
     assert mono1["vertebrae"][0]["x_mm"] == pytest.approx(
         mono1["vertebrae"][0]["x"] * 0.2, abs=1e-3
     )

@@ -54,7 +54,7 @@ def _records(n: int, seed: int) -> list[dict]:
                 "truth_centroids": centroids,
                 "truth_visible": np.ones(13, bool),
                 "original_size": np.array([400 + i, 300], np.int32),
-                "pixel_spacing_mm": np.float32(0.1 if i % 2 else 0.0),
+                "pixel_spacing_mm": np.full(2, 0.1 if i % 2 else 0.0, np.float32),
                 "participant_id": f"p{i}".encode(),
                 "image_id": f"i{i}".encode(),
             }

@@ -2,7 +2,8 @@
 
   vertjax train     --config=configs/l3.py [--workdir=DIR]        train, then test
   vertjax evaluate  --config=configs/l3.py [--split=S] [--checkpoint=C]
-  vertjax predict   --out=DIR [--model=NAME | --workdir=RUN] INPUT...
+  vertjax predict   --out=DIR [--model=NAME | --workdir=RUN | --exported=FILE] INPUT...
+  vertjax export    --out=FILE [--model=NAME | --workdir=RUN]
   vertjax report    RUN... --out=DIR
   vertjax compare   --dataset=NAME [--seeds=3]
   vertjax data      build|preview --config=NAME
@@ -31,6 +32,8 @@ from vertjax import (
     checkpoints,
     compare,
     datasets,
+    export,
+    exported,
     files,
     imaging,
     inference,
@@ -52,6 +55,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     folder.FolderError,
     aasce.AnnotationError,
     imaging.ImageError,
+    exported.ExportedModelError,
     FileNotFoundError,
 )
 
@@ -80,6 +84,9 @@ def _define_predict() -> None:
         f"A shipped model ({', '.join(shipped.names()) or 'none'}) or a model folder; "
         f"the default without --workdir is {shipped.DEFAULT_MODEL}.",
     )
+    flags.DEFINE_string(
+        "exported", None, "An exported model file (vertjax export) instead of a checkpoint."
+    )
     flags.DEFINE_string("out", None, "Output folder.", required=True)
     flags.DEFINE_integer(
         "batch_size", 8, "Images per network call (one compilation).", lower_bound=1
@@ -96,7 +103,12 @@ def _predict(argv: Sequence[str]) -> int:
     paths = inputs.find_inputs(argv[1:])
     if not paths:
         return fail(f"no radiographs found in {' '.join(argv[1:])}")
-    model = inference.load(FLAGS.model, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint)
+    if FLAGS.exported:
+        if FLAGS.model or FLAGS.workdir:
+            return fail("give --exported or --model / --workdir, not both")
+        model = inference.ExportedPredictor(exported.load(FLAGS.exported))
+    else:
+        model = inference.load(FLAGS.model, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint)
     outcome = predict.predict_files(
         model, paths, FLAGS.out, batch_size=FLAGS.batch_size, overlays=FLAGS.overlays
     )
@@ -106,6 +118,38 @@ def _predict(argv: Sequence[str]) -> int:
         file=sys.stderr,
     )
     return 1 if outcome.failures else 0
+
+
+# ------------------------------------------------------------------- export
+
+
+def _define_export() -> None:
+    flags.DEFINE_string("workdir", None, "Your own training run's folder; else --model.")
+    define_checkpoint_flag("best")
+    flags.DEFINE_string(
+        "model", None, f"A shipped model or model folder (default {shipped.DEFAULT_MODEL})."
+    )
+    flags.DEFINE_string("out", None, "The file to write, e.g. aasce_fov.vjx.", required=True)
+    flags.DEFINE_list("platforms", list(export.PLATFORMS), "Platforms to serialise for.")
+
+
+def _export(argv: Sequence[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    out = Path(FLAGS.out)
+    problem = "is a folder" if out.is_dir() else files.folder_problem(out.parent)
+    if problem:
+        return fail(f"--out={FLAGS.out}: {problem}")
+    model = inference.load(FLAGS.model, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = export.export_model(model, FLAGS.out, platforms=FLAGS.platforms)
+    exported.load(FLAGS.out)  # read back: what is written must verify
+    print(
+        f"vertjax: wrote {FLAGS.out} ({model.source}, step {model.step}; "
+        f"{', '.join(info['platforms'])})",
+        file=sys.stderr,
+    )
+    return 0
 
 
 # ------------------------------------------------------------------- report
@@ -255,6 +299,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "predict": Command("named points for radiographs", _define_predict, _predict),
+    "export": Command("one self-contained model file (jax.export)", _define_export, _export),
     "report": Command("Table 1 and plots over trained runs", _define_report, _report),
     "compare": Command("the four losses x seeds, then the report", _define_compare, _compare),
     "data": Command("build or preview a dataset", _define_data, _data),

@@ -30,6 +30,7 @@ from vertjax import (
     metrics,
     models,
     postprocess,
+    provenance,
     runs,
 )
 
@@ -57,7 +58,7 @@ def eval_step(
       params: model parameters.
       batch: image [B, S, S, 1], centroids [B, K, 2], labeled [B, K],
         truth_centroids [B, K, 2], truth_visible [B, K], original_size [B, 2],
-        pixel_spacing_mm [B], mask [B].
+        pixel_spacing_mm [B, 2], mask [B].
       prior: `postprocess.fit_prior` output, or None without post-processing.
       apply_fn, image_size, threshold, top_m, min_confidence, use_postprocess,
         fallback_spacing_px, flip: plain values bound with functools.partial
@@ -166,8 +167,12 @@ def results_record(
     split: str,
     checkpoint_step: int,
     train_seconds: float,
+    workdir: str,
 ) -> dict[str, Any]:
     """The `results.json` content: run identity first, then every metric.
+
+    `provenance` names the run folder, the checkpoint step, the vertjax
+    version and the config's hash (`vertjax.provenance`).
 
     Non-finite numbers (e.g. an RMSE with nothing correct) become null.
     """
@@ -179,6 +184,7 @@ def results_record(
         "steps": int(checkpoint_step),
         "train_seconds": float(train_seconds),
         "postprocess": bool(config.postprocess.enabled),
+        "provenance": provenance.stamp(model=workdir, step=checkpoint_step, config=config),
     }
     record.update(summary)
     return files.plain(record)
@@ -196,6 +202,15 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _provenance_line(stamp: dict[str, Any] | None) -> str:
+    if not stamp:
+        return ""
+    return (
+        f"Model {stamp['model']}, vertjax {stamp['vertjax_version']}, "
+        f"config sha256 {(stamp['config_sha256'] or '-')[:16]}."
+    )
+
+
 def results_markdown(record: dict[str, Any]) -> str:
     """A human-readable page: the run, the overall metrics, one row per vertebra."""
     lines = [
@@ -203,6 +218,7 @@ def results_markdown(record: dict[str, Any]) -> str:
         "",
         f"Checkpoint step {record['steps']}, {record['train_seconds']:.0f} s of training, "
         f"post-processing {'on' if record['postprocess'] else 'off'}.",
+        _provenance_line(record.get("provenance")),
         "",
         "| metric | value |",
         "|---|---|",
@@ -280,6 +296,7 @@ def evaluate_checkpoint(
         split=split,
         checkpoint_step=run.step,
         train_seconds=float(run.meta.get("train_seconds", 0.0)),
+        workdir=workdir,
     )
     write_results(workdir, record)
     logging.info(

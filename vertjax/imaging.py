@@ -2,7 +2,7 @@
 
 One entry point per direction: `read_radiograph` turns a PNG, JPEG, TIFF or
 DICOM file into grey values in [0, 1] (windowed, MONOCHROME1 inverted) plus
-the pixel spacing when the file knows it; `to_model_input` resizes such an
+the pixel spacing of each axis when the file knows it; `to_model_input` resizes such an
 image to the model's S x S uint8 input. Every fault raises `ImageError`,
 whose message starts with the file's path. `write_dicom` writes the minimal
 grey-scale DICOM that `read_radiograph` accepts (test fixtures, benchmark
@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from vertjax import resample
 
 # A radiograph larger than this (8k x 8k; real ones are below 4k x 5k) is
 # refused before decoding: a hostile or broken header must not make the
@@ -46,26 +48,42 @@ class ImageError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class PixelSpacing(NamedTuple):
+    """Physical size of a pixel, per axis, and where it came from.
+
+    DICOM gives spacing as (row, column): `row_mm` is the distance between
+    the centres of adjacent rows, so it scales y; `column_mm` scales x.
+    """
+
+    row_mm: float
+    column_mm: float
+    source: str  # the DICOM attribute(s) it was read from
+
+    def to_mm(self, x: float, y: float) -> tuple[float, float]:
+        """(x, y) in pixels -> (x, y) in millimetres."""
+        return x * self.column_mm, y * self.row_mm
+
+
 class Radiograph(NamedTuple):
     """A decoded radiograph.
 
     Attributes:
       pixels: float32 [H, W] in [0, 1], 0 black (air), 1 white (bone).
-      pixel_spacing_mm: row spacing in mm per pixel, None when unknown.
+      spacing: the pixel spacing, None when the file does not give it.
     """
 
     pixels: np.ndarray
-    pixel_spacing_mm: float | None
+    spacing: PixelSpacing | None
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
-    """True for a DICOM file: by suffix, or by the 'DICM' magic at byte 128."""
+    """True for a DICOM file: by suffix, or by its preamble as pydicom reads it."""
     if os.path.splitext(os.fspath(path))[1].lower() in DICOM_SUFFIXES:
         return True
+    import pydicom.misc
+
     try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
+        return pydicom.misc.is_dicom(path)
     except OSError:
         return False
 
@@ -73,16 +91,19 @@ def is_dicom(path: str | os.PathLike) -> bool:
 def read_radiograph(path: str | os.PathLike) -> Radiograph:
     """Reads a PNG, JPEG, TIFF or DICOM radiograph.
 
-    8-bit sources are scaled by 1/255; 16-bit, 32-bit and float sources and all
-    DICOM files (after rescale slope/intercept) are windowed to their 0.5th to
-    99.5th percentile. Colour is reduced to luminance, alpha dropped, palettes
-    expanded and the EXIF orientation applied. Multi-frame DICOM is refused.
+    8-bit sources are scaled by 1/255; 16-bit, 32-bit and float sources are
+    windowed to their 0.5th to 99.5th percentile. DICOM files follow their
+    own display rules through pydicom: the modality LUT (or rescale slope and
+    intercept), then the VOI LUT or window centre/width when the file has
+    one, else the percentile window; MONOCHROME1 is inverted. Colour is
+    reduced to luminance, alpha dropped, palettes expanded and the EXIF
+    orientation applied. Multi-frame DICOM is refused.
 
     Args:
       path: the image file.
 
     Returns:
-      Radiograph(pixels float32 [H, W] in [0, 1], pixel_spacing_mm or None).
+      Radiograph(pixels float32 [H, W] in [0, 1], spacing or None).
 
     Raises:
       ImageError: missing, unreadable, empty, too large or too small image.
@@ -95,7 +116,7 @@ def read_radiograph(path: str | os.PathLike) -> Radiograph:
     _check_size(path, pixels.shape)
     if not np.isfinite(pixels).all():
         raise ImageError(path, "image holds non-finite values")
-    return Radiograph(pixels=pixels, pixel_spacing_mm=spacing)
+    return Radiograph(pixels=pixels, spacing=spacing)
 
 
 def _existing_file(path: str | os.PathLike) -> str:
@@ -134,8 +155,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 def to_model_input(pixels: np.ndarray, size: int = 264) -> np.ndarray:
     """Resizes an image to the model's square input, ignoring aspect ratio.
 
-    Downsampling averages over each output pixel's footprint (PIL BOX, i.e.
-    area resampling) so that film grain does not alias; upsampling is bilinear.
+    Downsampling averages over each output pixel's footprint (area, PIL's
+    BOX) so that film grain does not alias; upsampling is bilinear. Integer
+    arithmetic (`vertjax.resample`), so that the exported model, which runs
+    the same steps in JAX, sees the same input bit for bit.
 
     Args:
       pixels: float [H, W] in [0, 1].
@@ -147,13 +170,7 @@ def to_model_input(pixels: np.ndarray, size: int = 264) -> np.ndarray:
     pixels = np.asarray(pixels, dtype=np.float32)
     if pixels.ndim != 2:
         raise ValueError(f"expected a [H, W] image, got shape {pixels.shape}")
-    height, width = pixels.shape
-    if height >= size and width >= size:
-        method = Image.Resampling.BOX
-    else:
-        method = Image.Resampling.BILINEAR
-    resized = np.asarray(Image.fromarray(pixels, mode="F").resize((size, size), method))
-    return np.clip(np.rint(resized * 255.0), 0, 255).astype(np.uint8)
+    return resample.resize(np, pixels, size).astype(np.uint8)
 
 
 def window(values: np.ndarray) -> np.ndarray:
@@ -258,8 +275,8 @@ def _dicom_header(path: str):
     return ds
 
 
-def _read_dicom(path: str) -> tuple[np.ndarray, float | None]:
-    """DICOM -> (float32 [H, W] in [0, 1], row spacing in mm or None)."""
+def _read_dicom(path: str) -> tuple[np.ndarray, PixelSpacing | None]:
+    """DICOM -> (float32 [H, W] in [0, 1], spacing or None)."""
     import pydicom
 
     header = _dicom_header(path)
@@ -278,27 +295,91 @@ def _read_dicom(path: str) -> tuple[np.ndarray, float | None]:
     if raw.ndim == 3 and photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
         if photometric != "RGB":
             raw = pydicom.pixels.convert_color_space(raw, photometric, "RGB")
-        values = raw.astype(np.float32) @ _LUMA
+        pixels = _window_finite(path, raw.astype(np.float32) @ _LUMA)
     elif raw.ndim == 2:
-        values = raw.astype(np.float32)
+        pixels = _grey_for_display(path, ds, raw)
     else:
         raise ImageError(path, f"unsupported DICOM pixel array of shape {raw.shape}")
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    pixels = _window_finite(path, values * slope + intercept)
     if photometric == "MONOCHROME1":
         # MONOCHROME1 shows low values white; the model sees bone as bright.
         pixels = 1.0 - pixels
-    return pixels, _dicom_spacing(ds)
+    return pixels, _dicom_spacing(path, ds)
 
 
-def _dicom_spacing(ds) -> float | None:
+def _grey_for_display(path: str, ds, raw: np.ndarray) -> np.ndarray:
+    """Stored grey values -> [0, 1] by the file's modality and VOI rules.
+
+    The modality LUT (or RescaleSlope/Intercept) gives the modality's values.
+    A VOI LUT or WindowCenter/Width, when the file has one, maps them to
+    display values; [0, 1] is then that mapping's own output range, found by
+    passing the lowest and highest storable values through the same pydicom
+    calls. Files without VOI rules get the percentile window.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        values = apply_modality_lut(raw, ds)
+        if "VOILUTSequence" not in ds and "WindowCenter" not in ds:
+            return _window_finite(path, np.asarray(values, np.float32))
+        shown = np.asarray(apply_voi_lut(_integral(values), ds), np.float64)
+        ends = apply_voi_lut(_integral(apply_modality_lut(_storable_range(ds), ds)), ds)
+        ends = np.asarray(ends, np.float64)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ImageError(path, f"invalid DICOM display attributes ({e})") from e
+    low, high = float(ends.min()), float(ends.max())
+    if not np.isfinite(shown).all() or not high > low:
+        raise ImageError(path, f"DICOM VOI LUT or window maps to an empty range [{low}, {high}]")
+    return np.clip((shown - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def _integral(values: np.ndarray) -> np.ndarray:
+    """Whole-number floats as int64: a VOI LUT is indexed by integers.
+
+    A rescale of slope 1 and intercept 0 still returns floats from pydicom.
+    """
+    if np.issubdtype(values.dtype, np.floating) and np.array_equal(values, np.round(values)):
+        return values.astype(np.int64)
+    return values
+
+
+def _storable_range(ds) -> np.ndarray:
+    """The lowest and highest stored values the file's BitsStored allows."""
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1], np.int64)
+    return np.array([0, 2**bits - 1], np.int64)
+
+
+def _dicom_spacing(path: str, ds) -> PixelSpacing | None:
+    """The pixel spacing at the patient, per axis, or None when the file lacks it.
+
+    PixelSpacing is already calibrated to the patient. ImagerPixelSpacing is
+    measured at the detector: it is used only without PixelSpacing, divided
+    by EstimatedRadiographicMagnificationFactor when the file gives one.
+    """
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
-        if value is not None and len(value) >= 1:
-            spacing = float(value[0])
-            if np.isfinite(spacing) and spacing > 0:
-                return spacing
+        if value is None:
+            continue
+        try:
+            row, column = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ImageError(
+                path, f"{keyword} must hold two numbers (row, column), got {value!r}"
+            ) from None
+        source = keyword
+        magnification = ds.get("EstimatedRadiographicMagnificationFactor")
+        if keyword == "ImagerPixelSpacing" and magnification is not None:
+            factor = float(magnification)
+            if not (np.isfinite(factor) and factor > 0):
+                raise ImageError(
+                    path, f"EstimatedRadiographicMagnificationFactor must be > 0, got {factor}"
+                )
+            row, column = row / factor, column / factor
+            source = "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor"
+        if not all(np.isfinite(v) and v > 0 for v in (row, column)):
+            raise ImageError(path, f"{keyword} must be positive, got {value!r}")
+        return PixelSpacing(row_mm=row, column_mm=column, source=source)
     return None
 
 
@@ -314,12 +395,18 @@ def write_dicom(
     intercept: float = 0.0,
     with_pixels: bool = True,
     frames: int = 1,
+    magnification: float | None = None,
+    window: tuple[float, float] | None = None,
+    voi_lut: np.ndarray | None = None,
 ) -> None:
     """Writes uint16 grey values ([H, W], or [F, H, W] with frames > 1) as a DX DICOM file.
 
     Uncompressed secondary capture, explicit VR little endian. `spacing` is
     the (row, column) spacing in mm, or one value for both, stored under
     `spacing_tag` (PixelSpacing or ImagerPixelSpacing); None leaves it out.
+    `magnification` sets EstimatedRadiographicMagnificationFactor, `window`
+    the (WindowCenter, WindowWidth) and `voi_lut` a VOI LUT Sequence item
+    (uint16 table, first input value 0, 16 bits per entry).
     `with_pixels=False` writes the header alone.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -350,8 +437,18 @@ def write_dicom(
     if spacing is not None:
         row, column = (spacing, spacing) if np.isscalar(spacing) else spacing
         setattr(ds, spacing_tag, [float(row), float(column)])
+    if magnification is not None:
+        ds.EstimatedRadiographicMagnificationFactor = magnification
     ds.RescaleSlope = slope
     ds.RescaleIntercept = intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = (float(v) for v in window)
+    if voi_lut is not None:
+        item = Dataset()
+        table = np.asarray(voi_lut, np.uint16)
+        item.LUTDescriptor = [len(table), 0, 16]
+        item.LUTData = table.tobytes()
+        ds.VOILUTSequence = [item]
     if with_pixels:
         ds.PixelData = pixels.tobytes()
     ds.save_as(path, enforce_file_format=True)

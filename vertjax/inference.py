@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vertjax import heatmaps, imaging, models, postprocess, runs, shipped
+from vertjax import exported, heatmaps, imaging, models, postprocess, provenance, runs, shipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,47 @@ class Predictor:
     flip: bool = False
     source: str = ""
     prior: Any = None
+
+    def provenance(self) -> dict[str, Any]:
+        """Which model this is, for the outputs it makes (`vertjax.provenance`)."""
+        return provenance.stamp(model=self.source, step=self.step, config=self.config)
+
+    def points(self, images: Sequence[np.ndarray], *, batch_size: int) -> list[Points]:
+        """`predict(self, images, batch_size=batch_size)`."""
+        return predict(self, images, batch_size=batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedPredictor:
+    """An exported model file (`vertjax.export`) behind the calls `predict` makes."""
+
+    model: exported.ExportedModel
+
+    @property
+    def source(self) -> str:
+        return f"exported {self.model.path}"
+
+    @property
+    def step(self) -> int | None:
+        return self.model.metadata["provenance"].get("checkpoint_step")
+
+    def provenance(self) -> dict[str, Any]:
+        """The exported model's own provenance; `model` names the file too."""
+        stamp = dict(self.model.metadata["provenance"])
+        stamp["model"] = f"{stamp['model']} (exported {self.model.path})"
+        return stamp
+
+    def points(self, images: Sequence[np.ndarray], *, batch_size: int) -> list[Points]:
+        """Each image through the exported function, one call per image.
+
+        The function takes any size; JAX compiles it once per new size.
+        """
+        del batch_size  # the exported function takes one radiograph of its own size
+        found = [self.model(pixels) for pixels in images]
+        return [
+            Points(xy=f.xy.astype(np.float64), confidence=f.confidence, present=f.present)
+            for f in found
+        ]
 
 
 @functools.partial(jax.jit, static_argnames=("apply", "locate", "mean", "std", "flip"))

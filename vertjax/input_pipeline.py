@@ -13,7 +13,7 @@ Batches are dicts of numpy arrays (strings dropped), per process:
   truth_centroids  float32 [b, 13, 2]
   truth_visible    bool    [b, 13]
   original_size    int32   [b, 2], (height, width)
-  pixel_spacing_mm float32 [b]
+  pixel_spacing_mm float32 [b, 2], (row, column) mm per pixel, 0 when unknown
   mask             bool    [b] (evaluation batches only)
 where b is the global batch size divided by the number of processes.
 

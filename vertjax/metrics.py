@@ -56,7 +56,7 @@ def _check_shapes(bk: tuple[int, int], **fields: jax.Array) -> None:
         "truth_centroids": (b, k, 2),
         "truth_visible": (b, k),
         "original_size": (b, 2),
-        "pixel_spacing_mm": (b,),
+        "pixel_spacing_mm": (b, 2),
         "mask": (b,),
     }
     for field, value in fields.items():
@@ -106,7 +106,7 @@ def batch_sums(
       truth_centroids: [B, K, 2] normalised; used only through truth_visible.
       truth_visible: [B, K] bool, the vertebra's centroid lies in the image.
       original_size: [B, 2] int (height, width) in original pixels.
-      pixel_spacing_mm: [B] mm per original pixel, 0 when unknown.
+      pixel_spacing_mm: [B, 2] (row, column) mm per original pixel, 0 when unknown.
       mask: [B] bool, False for padded batch entries.
       image_size: model input size S (model pixels per side).
       threshold: presence threshold on the confidence.
@@ -138,6 +138,9 @@ def batch_sums(
     gt = centroids.astype(jnp.float32) * size_xy
 
     error = jnp.linalg.norm(pred - gt, axis=-1)  # [B, K]
+    # Columns scale x and rows scale y, so that non-square pixels measure right.
+    mm_per_px_xy = pixel_spacing_mm.astype(jnp.float32)[:, None, ::-1]
+    error_mm = jnp.linalg.norm((pred - gt) * mm_per_px_xy, axis=-1)
     spacing, pairs = jax.vmap(_neighbour_spacing)(gt, labeled)
     has_spacing = pairs > 0
     if fallback_spacing_px is not None:
@@ -153,7 +156,7 @@ def batch_sums(
 
     scored_images = jnp.any(scored, axis=1)
     all_correct = scored_images & jnp.all(correct | ~scored, axis=1)
-    spacing_known = (pixel_spacing_mm > 0)[:, None] & labeled
+    spacing_known = jnp.all(pixel_spacing_mm > 0, axis=1)[:, None] & labeled
     unlabelled_visible = visible & ~labeled
     total, per_k = _total, _per_k
     return {
@@ -165,7 +168,7 @@ def batch_sums(
         "n_correct": total(correct),
         "sq_error_correct": total(jnp.where(correct, error**2, 0.0)),
         "error_sum": total(jnp.where(labeled, error, 0.0)),
-        "error_mm_sum": total(jnp.where(spacing_known, error * pixel_spacing_mm[:, None], 0.0)),
+        "error_mm_sum": total(jnp.where(spacing_known, error_mm, 0.0)),
         "n_mm": total(spacing_known),
         "n_identified": total(identified),
         "n_present": total(present),

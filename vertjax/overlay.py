@@ -260,6 +260,32 @@ def write_preview(builder: Any, out: str, *, split: str = "train", count: int = 
     return out
 
 
+def draw_record(
+    record: dict[str, Any],
+    points: np.ndarray,
+    confidence: np.ndarray,
+    *,
+    image_size: int,
+    threshold: float,
+    title: str,
+) -> Figure:
+    """`draw` of a dataset record's S x S image, stretched back to its original
+    shape, with predictions `points` [K, 2] in model pixels and the labelled
+    ground truth as hollow circles."""
+    height, width = (int(v) for v in record["original_size"])
+    scale = np.array([width, height], np.float64)
+    return draw(
+        np.asarray(record["image"]).reshape(image_size, image_size) / 255.0,
+        np.asarray(points, np.float64) * scale / image_size,
+        confidence,
+        np.asarray(confidence) >= threshold,
+        truth=np.asarray(record["centroids"], np.float64) * scale,
+        truth_mask=np.asarray(record["labeled"], bool),
+        title=title,
+        size=(width, height),
+    )
+
+
 def to_png(fig: Figure) -> bytes:
     """The figure as PNG bytes (callers write them atomically)."""
     buffer = io.BytesIO()

@@ -3,12 +3,17 @@
 `predict_files` reads each file (`vertjax.inputs`), runs the model
 (`vertjax.inference`) and writes, for each readable image,
 `DIR/<stem>.json`:
-  {"image": file name, "width": W, "height": H, "pixel_spacing_mm": float|null,
+  {"image": file name, "width": W, "height": H,
+   "pixel_spacing_mm": {"row": mm, "column": mm} | null,
+   "pixel_spacing_source": the DICOM attribute(s) | null,
+   "model": {"model", "checkpoint_step", "vertjax_version", "config_sha256"},
    "vertebrae": [{"name": "T4", "x", "y", "confidence", "present",
                   "x_mm", "y_mm"}, ... 13 entries, T4..L4]}
 with (x, y) in the original image's pixels (x right, y down, origin at the
-top-left corner of the top-left pixel) and `present` = confidence >= the
-run's `presence_threshold`; `DIR/<stem>_overlay.png` draws the named
+top-left corner of the top-left pixel), x_mm from the column spacing and
+y_mm from the row spacing, `present` = confidence >= the run's
+`presence_threshold`, and `model` saying which model made it
+(`vertjax.provenance`); `DIR/<stem>_overlay.png` draws the named
 centroids and `DIR/predictions.csv` has one row per image and vertebra.
 Every file is written atomically (`vertjax.files`).
 
@@ -49,7 +54,9 @@ CSV_COLUMNS = (
     "output",
     "width",
     "height",
-    "pixel_spacing_mm",
+    "pixel_spacing_row_mm",
+    "pixel_spacing_column_mm",
+    "pixel_spacing_source",
     "vertebra",
     "x",
     "y",
@@ -57,6 +64,10 @@ CSV_COLUMNS = (
     "present",
     "x_mm",
     "y_mm",
+    "model",
+    "checkpoint_step",
+    "vertjax_version",
+    "config_sha256",
 )
 # Decimals kept in the outputs: 1e-4 px and 1e-6 of confidence are far below
 # what the model resolves, and short numbers keep the files readable.
@@ -73,25 +84,27 @@ def prediction_record(
     image: str,
     width: int,
     height: int,
-    pixel_spacing_mm: float | None,
+    spacing: imaging.PixelSpacing | None,
     points: np.ndarray,
     confidence: np.ndarray,
     present: np.ndarray,
+    model: dict[str, Any],
 ) -> dict[str, Any]:
     """The JSON object of one image.
 
     Args:
       image: the input's file name.
       width, height: the original size in pixels.
-      pixel_spacing_mm: mm per pixel, or None when unknown.
+      spacing: the pixel spacing, or None when unknown.
       points: [K, 2] (x, y) in original pixels.
       confidence: [K] heatmap peaks.
       present: [K] bool.
+      model: `Predictor.provenance()`.
     """
-    spacing = None if pixel_spacing_mm is None else float(pixel_spacing_mm)
     entries = []
     for k, name in enumerate(vertebrae.NAMES):
         x, y = float(points[k, 0]), float(points[k, 1])
+        x_mm, y_mm = (None, None) if spacing is None else spacing.to_mm(x, y)
         entries.append(
             {
                 "name": name,
@@ -99,15 +112,19 @@ def prediction_record(
                 "y": _round(y, COORD_DECIMALS),
                 "confidence": _round(confidence[k], CONF_DECIMALS),
                 "present": bool(present[k]),
-                "x_mm": None if spacing is None else _round(x * spacing, COORD_DECIMALS),
-                "y_mm": None if spacing is None else _round(y * spacing, COORD_DECIMALS),
+                "x_mm": None if x_mm is None else _round(x_mm, COORD_DECIMALS),
+                "y_mm": None if y_mm is None else _round(y_mm, COORD_DECIMALS),
             }
         )
     return {
         "image": image,
         "width": int(width),
         "height": int(height),
-        "pixel_spacing_mm": spacing,
+        "pixel_spacing_mm": None
+        if spacing is None
+        else {"row": float(spacing.row_mm), "column": float(spacing.column_mm)},
+        "pixel_spacing_source": None if spacing is None else spacing.source,
+        "model": dict(model),
         "vertebrae": entries,
     }
 
@@ -115,6 +132,7 @@ def prediction_record(
 def csv_rows(record: dict[str, Any], *, path: str, output: str) -> list[dict[str, Any]]:
     """One CSV row per vertebra of a `prediction_record` (None -> empty cell)."""
     rows = []
+    spacing = record["pixel_spacing_mm"] or {}
     for v in record["vertebrae"]:
         row = {
             "image": record["image"],
@@ -122,9 +140,12 @@ def csv_rows(record: dict[str, Any], *, path: str, output: str) -> list[dict[str
             "output": output,
             "width": record["width"],
             "height": record["height"],
-            "pixel_spacing_mm": record["pixel_spacing_mm"],
+            "pixel_spacing_row_mm": spacing.get("row"),
+            "pixel_spacing_column_mm": spacing.get("column"),
+            "pixel_spacing_source": record["pixel_spacing_source"],
             "vertebra": v["name"],
             **{k: v[k] for k in ("x", "y", "confidence", "present", "x_mm", "y_mm")},
+            **record["model"],
         }
         rows.append({k: "" if val is None else val for k, val in row.items()})
     return rows
@@ -154,6 +175,7 @@ def write_outputs(
     radiograph: imaging.Radiograph,
     points: inference.Points,
     *,
+    model: dict[str, Any],
     overlays: bool,
 ) -> tuple[str, list[dict[str, Any]]]:
     """Writes one image's JSON (and overlay); returns the JSON path and its CSV rows."""
@@ -162,10 +184,11 @@ def write_outputs(
         image=path.name,
         width=width,
         height=height,
-        pixel_spacing_mm=radiograph.pixel_spacing_mm,
+        spacing=radiograph.spacing,
         points=points.xy,
         confidence=points.confidence,
         present=points.present,
+        model=model,
     )
     json_path = out / f"{name}.json"
     files.write_atomic(json_path, json.dumps(record, indent=2) + "\n")
@@ -178,7 +201,7 @@ def write_outputs(
 
 
 def predict_files(
-    model: inference.Predictor,
+    model: inference.Predictor | inference.ExportedPredictor,
     paths: Sequence[Path],
     out_dir: str | os.PathLike,
     *,
@@ -191,7 +214,8 @@ def predict_files(
     """Predicts every file and writes its JSON (and overlay), then the CSV.
 
     Args:
-      model: the trained model (`inference.load`).
+      model: the trained model (`inference.load`) or an exported one
+        (`inference.ExportedPredictor`).
       paths: input radiographs (see `inputs.find_inputs`).
       out_dir: output folder, created if needed.
       batch_size: images per network call (at most the number of files);
@@ -220,6 +244,7 @@ def predict_files(
         raise ValueError(f"output folder {out}: {problem}")
     out.mkdir(parents=True, exist_ok=True)
     names = inputs.output_names(paths)
+    stamp = model.provenance()
     outcome = Outcome()
     rows: list[dict[str, Any]] = []
     # tqdm's disable=None hides the bar when stderr is not a terminal.
@@ -227,10 +252,10 @@ def predict_files(
     bar = tqdm(total=len(paths), unit="image", disable=disable, file=sys.stderr)
 
     def flush(batch: list[tuple[int, imaging.Radiograph]]) -> None:
-        found = inference.predict(model, [r.pixels for _, r in batch], batch_size=batch_size)
+        found = model.points([r.pixels for _, r in batch], batch_size=batch_size)
         for (index, radiograph), points in zip(batch, found, strict=True):
             written, new_rows = write_outputs(
-                out, names[index], paths[index], radiograph, points, overlays=overlays
+                out, names[index], paths[index], radiograph, points, model=stamp, overlays=overlays
             )
             outcome.written.append(written)
             rows.extend(new_rows)

@@ -354,26 +354,17 @@ def example_figures(run_path: str | os.PathLike, n: int) -> list[Figure]:
         [np.asarray(r["image"]).reshape(model.image_size, model.image_size) for r in records]
     )
     points, confidence = (np.asarray(a) for a in inference.make_infer(model)(images))
-    figures = []
-    for i, record in enumerate(records):
-        height, width = (int(v) for v in record["original_size"])
-        scale = np.array([width, height], np.float64)
-        predicted = inference.to_original(
-            points[i], width=width, height=height, size=model.image_size
+    return [
+        overlay.draw_record(
+            record,
+            points[i],
+            confidence[i],
+            image_size=model.image_size,
+            threshold=model.presence_threshold,
+            title=f"{Path(run_path).name}: {overlay.text(record.get('image_id'))} (step {model.step})",
         )
-        figures.append(
-            overlay.draw(
-                images[i] / 255.0,
-                predicted,
-                confidence[i],
-                confidence[i] >= model.presence_threshold,
-                truth=np.asarray(record["centroids"], np.float64) * scale,
-                truth_mask=np.asarray(record["labeled"], bool),
-                title=f"{Path(run_path).name}: {overlay.text(record.get('image_id'))} (step {model.step})",
-                size=(width, height),
-            )
-        )
-    return figures
+        for i, record in enumerate(records)
+    ]
 
 
 def write_examples(groups: dict[tuple[str, str, str], list[Run]], out: Path, n: int) -> list[Path]:

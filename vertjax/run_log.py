@@ -1,5 +1,7 @@
 """Run logs in the workdir: TensorBoard events, `metrics.jsonl`, progress lines.
 
+TensorBoard also shows, at each validation, a few validation radiographs
+with their predicted and labelled points (`write_figures`).
 `metrics.jsonl` holds one JSON object per event, e.g.
   {"step": 500, "kind": "train", "loss": 0.0012, "steps_per_second": 0.6}
   {"step": 500, "kind": "validation", "id_accuracy": 0.91, ...}
@@ -9,19 +11,22 @@ the other processes of a multi-host run get a writer that does nothing.
 
 from __future__ import annotations
 
+import io
 import json
 import logging as std_logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
+from PIL import Image
 from tensorboardX import SummaryWriter
 
-from vertjax import files
+from vertjax import files, overlay
 
 METRICS_FILE = "metrics.jsonl"
 # Libraries whose INFO lines (orbax logs every file it writes) drown the run's own.
@@ -66,6 +71,15 @@ class MetricWriter:
                 continue
             if isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{kind}/{name}", float(value), int(step))
+        self._tb.flush()
+
+    def write_figures(self, step: int, tag: str, figures: Sequence[Any]) -> None:
+        """Adds matplotlib figures to TensorBoard as images `tag/0`, `tag/1`, ..."""
+        if not self.enabled:
+            return
+        for i, fig in enumerate(figures):
+            png = Image.open(io.BytesIO(overlay.to_png(fig))).convert("RGB")
+            self._tb.add_image(f"{tag}/{i}", np.asarray(png), int(step), dataformats="HWC")
         self._tb.flush()
 
     def drop_after(self, step: int) -> None:

@@ -36,8 +36,10 @@ from vertjax import (
     datasets,
     evaluate,
     heatmaps,
+    inference,
     input_pipeline,
     losses,
+    overlay,
     run_log,
     runs,
     sharding,
@@ -300,6 +302,55 @@ class _Book:
 
 
 @dataclasses.dataclass
+class _Examples:
+    """A few validation radiographs drawn into TensorBoard at each validation.
+
+    One predictor made at the start, whose parameters are swapped at each
+    validation, so that its compiled network is reused.
+    """
+
+    records: list[dict[str, Any]]
+    predictor: inference.Predictor
+
+    @classmethod
+    def make(cls, config, data: _Data, state, prior, workdir: str) -> _Examples | None:
+        count = min(int(config.tensorboard_examples), len(data.validation))
+        # Multi-host parameters are not all on process 0, which alone writes.
+        if count <= 0 or jax.process_count() > 1:
+            return None
+        trained = runs.Trained(
+            config=config,
+            params=runs.inference_params(state),
+            pixel_mean=data.mean,
+            pixel_std=data.std,
+            prior=prior,
+            step=None,
+            source=workdir,
+        )
+        records = [data.validation[i] for i in range(count)]
+        return cls(records=records, predictor=inference.from_trained(trained))
+
+    def figures(self, step: int, state) -> list[Any]:
+        predictor = dataclasses.replace(
+            self.predictor, variables={"params": runs.inference_params(state)}
+        )
+        size = predictor.image_size
+        images = np.stack([np.asarray(r["image"]).reshape(size, size) for r in self.records])
+        points, confidence = (np.asarray(a) for a in inference.make_infer(predictor)(images))
+        return [
+            overlay.draw_record(
+                record,
+                points[i],
+                confidence[i],
+                image_size=size,
+                threshold=predictor.presence_threshold,
+                title=f"step {step}: {overlay.text(record['image_id'])}",
+            )
+            for i, record in enumerate(self.records)
+        ]
+
+
+@dataclasses.dataclass
 class _Loop:
     """What the loop's bookkeeping (logging, validation, checkpoints) works with."""
 
@@ -311,6 +362,7 @@ class _Loop:
     writer: run_log.MetricWriter
     progress: run_log.Progress
     book: _Book
+    examples: _Examples | None = None
 
     def after_step(self, step: int, state: runs.TrainState) -> None:
         """Logs, validates and checkpoints when `step` is due for it (and at the end)."""
@@ -349,6 +401,10 @@ class _Loop:
         )
         self.book.validation = {k: v for k, v in fresh.items() if k != "per_vertebra"}
         self.writer.write(step, "validation", self.book.validation)
+        if self.examples is not None:
+            self.writer.write_figures(
+                step, "validation/examples", self.examples.figures(step, state)
+            )
         logging.info(
             "step %d validation: id_accuracy %.4f, rmse_px %.2f",
             step,
@@ -423,6 +479,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         writer,
         run_log.Progress(config.train_steps),
         _Book.from_meta(meta),
+        _Examples.make(config, data, state, evaluator.prior, workdir),
     )
     if start < config.train_steps:
         logging.info("training steps %d to %d", start + 1, config.train_steps)

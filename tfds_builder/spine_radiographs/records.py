@@ -43,7 +43,7 @@ def make_record(
     labeled: np.ndarray,
     truth_centroids_px: np.ndarray | None,
     truth_visible: np.ndarray | None,
-    pixel_spacing_mm: float | None,
+    spacing: imaging.PixelSpacing | None,
     participant_id: str,
     image_id: str,
     image_size: int = IMAGE_SIZE,
@@ -58,7 +58,8 @@ def make_record(
       truth_centroids_px, truth_visible: [13, 2], [13] every vertebra whose
         centroid lies in the image, or None when the source does not know them
         (then they copy the labels).
-      pixel_spacing_mm: mm per pixel, None when unknown (stored as 0).
+      spacing: the pixel spacing, None when unknown; stored as
+        pixel_spacing_mm = (row, column) mm per pixel, (0, 0) when unknown.
       participant_id, image_id: stable ids.
       image_size: model input side S.
 
@@ -93,7 +94,9 @@ def make_record(
         "truth_centroids": truth.astype(np.float32),
         "truth_visible": truth_visible,
         "original_size": np.array([height, width], dtype=np.int32),
-        "pixel_spacing_mm": np.float32(pixel_spacing_mm or 0.0),
+        "pixel_spacing_mm": np.array(
+            (0.0, 0.0) if spacing is None else (spacing.row_mm, spacing.column_mm), np.float32
+        ),
         "participant_id": participant_id,
         "image_id": image_id,
     }

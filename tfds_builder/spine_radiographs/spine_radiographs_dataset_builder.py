@@ -59,11 +59,13 @@ class SpineConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for spine_radiographs."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "Initial release.",
         "1.1.0": "aasce_fov: several crop pairs per training image, half with wide edges; "
         "a validation_wide split.",
+        "1.2.0": "pixel_spacing_mm holds the (row, column) spacing, so that non-square "
+        "pixels give correct millimetres.",
     }
     BUILDER_CONFIGS = [
         SpineConfig(
@@ -145,7 +147,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "truth_centroids": tensor(shape=(k, 2), dtype=np.float32),
                 "truth_visible": tensor(shape=(k,), dtype=np.bool_),
                 "original_size": tensor(shape=(2,), dtype=np.int32),
-                "pixel_spacing_mm": tensor(shape=(), dtype=np.float32),
+                "pixel_spacing_mm": tensor(shape=(2,), dtype=np.float32),  # (row, column)
                 "participant_id": tfds.features.Text(),
                 "image_id": tfds.features.Text(),
             }
@@ -259,7 +261,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     labeled=labeled,
                     truth_centroids_px=None,
                     truth_visible=None,
-                    pixel_spacing_mm=spacing,
+                    spacing=spacing,
                     participant_id=entry.participant_id,
                     image_id=entry.image_id,
                     image_size=config.image_size,
@@ -289,7 +291,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     labeled=crop.labeled,
                     truth_centroids_px=crop.centroids,
                     truth_visible=crop.truth_visible,
-                    pixel_spacing_mm=spacing,
+                    spacing=spacing,
                     participant_id=entry.participant_id,
                     image_id=image_id,
                     image_size=config.image_size,
@@ -326,7 +328,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 labeled=image.labeled,
                 truth_centroids_px=None,
                 truth_visible=None,
-                pixel_spacing_mm=spacing,
+                spacing=spacing,
                 participant_id=image.participant_id,
                 image_id=image.image_id,
                 image_size=self.builder_config.image_size,

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 from tfds_builder.spine_radiographs import records
+from vertjax import imaging
 
 # Below this many participants the pool's start-up (about a second per
 # spawned process) costs more than it saves.
@@ -48,7 +49,9 @@ def participant_records(args: tuple[int, int, int]) -> list[tuple[str, dict]]:
             labeled=radiograph.labeled,
             truth_centroids_px=radiograph.centroids,
             truth_visible=radiograph.truth_visible,
-            pixel_spacing_mm=radiograph.pixel_spacing_mm,
+            spacing=imaging.PixelSpacing(
+                radiograph.pixel_spacing_mm, radiograph.pixel_spacing_mm, "phantom film"
+            ),
             participant_id=pid,
             image_id=image_id,
             image_size=image_size,
