@@ -330,9 +330,10 @@ def test_folder_reader_and_build(tmp_path, write_dicom):
     assert b1["labeled"][vertebrae.index("T12")]
     np.testing.assert_allclose(b1["pixel_spacing_mm"], [0.2, 0.2])
     np.testing.assert_allclose(b2["pixel_spacing_mm"], [0.15, 0.3])  # (row, column)
-    # Same raw pixels: MONOCHROME1 is the inverse of MONOCHROME2 (rescale is linear).
+    # Same raw pixels: MONOCHROME1 is the inverse of MONOCHROME2 (rescale is linear),
+    # up to the two roundings of the bilinear resize of this 90 x 70 film.
     diff = b1["image"].astype(int) + b2["image"].astype(int) - 255
-    assert np.abs(diff).max() <= 1
+    assert np.abs(diff).max() <= 2 and np.mean(diff == 0) > 0.5
     assert found["negative.png"]["labeled"].sum() == 0
     np.testing.assert_array_equal(found["a_upper.png"]["pixel_spacing_mm"], [0, 0])
     # Statistics: exactly the train split's pixels, persisted and reloaded.

@@ -169,11 +169,14 @@ def test_rerun_of_a_finished_run_only_evaluates(trained, tmp_path, env, data_dir
     assert _checkpoint_steps(workdir) == _checkpoint_steps(trained[0])
     assert {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*")} == saved
     assert (workdir / run_log.METRICS_FILE).read_text() == metrics_log
-    # The evaluation ran again and wrote the same results.
-    assert json.loads((workdir / evaluate.RESULTS_JSON).read_text()) == results
+    # The evaluation ran again and wrote the same results, naming the copy's folder.
+    again = json.loads((workdir / evaluate.RESULTS_JSON).read_text())
+    assert again["provenance"].pop("model") == str(workdir)
+    assert results["provenance"].pop("model") == str(trained[0])
+    assert again == results
     assert (workdir / evaluate.RESULTS_MD).read_text() == (
         trained[0] / evaluate.RESULTS_MD
-    ).read_text()
+    ).read_text().replace(str(trained[0]), str(workdir))
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,13 @@ across libraries and devices (summation order, fused multiply-adds), so
 every step here is integer arithmetic, written once over an array module
 `xp` (numpy or jax.numpy; with jax.numpy, H and W may be symbolic):
 
-1. grey values [0, 1] -> integers 0..255 (round half to even);
+1. grey values [0, 1] -> integers (round half to even): 0..65535 for BOX,
+   0..255 for BILINEAR, whose weighted sums must stay within int32;
 2. both sides >= S: BOX, the mean of the pixels whose centres fall in each
-   output pixel's footprint (i, i + 1] * in / S, from running sums and
-   rounded once; otherwise BILINEAR, a triangle filter (widened to in / S on
-   a side that shrinks) with integer weights, down the rows and then along
-   the columns, rounded after each pass.
+   output pixel's footprint (i, i + 1] * in / S, summed per footprint and
+   rounded once to 0..255; otherwise BILINEAR, a triangle filter (widened to
+   in / S on a side that shrinks) with integer weights, down the rows and
+   then along the columns, rounded after each pass.
 
 This is PIL's `Image.resize` (BOX or BILINEAR) up to rounding: at most one
 grey level apart, except that a pixel whose centre sits exactly on a
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 LEVELS = 255  # uint8
+FINE_LEVELS = 65535  # = 255 * 257: BOX sums in 16-bit steps, then one rounding
 
 
 def exact_numpy_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -72,13 +74,14 @@ def _divide_rounding(total: Any, count: Any) -> Any:
     return (2 * total + count) // (2 * count)
 
 
-def _box(xp: Any, grey: Any, size: int) -> Any:
-    """The rounded mean of each footprint (sides >= size: footprints tile the input)."""
+def _box(xp: Any, pixels: Any, size: int) -> Any:
+    """The mean of each footprint, rounded once to 0..255 (sides >= size)."""
+    grey = _levels(xp, pixels, FINE_LEVELS)
     height, width = grey.shape
     rows, cols = footprints(xp, height, size), footprints(xp, width, size)
     sums = _footprint_sums(xp, _footprint_sums(xp, grey, rows, 0, size), cols, 1, size)
     count = (rows[1] - rows[0])[:, None] * (cols[1] - cols[0])[None, :]
-    return _divide_rounding(sums, count)
+    return _divide_rounding(sums, count * (FINE_LEVELS // LEVELS))
 
 
 def _footprint_sums(xp: Any, values: Any, ends: tuple[Any, Any], axis: int, size: int) -> Any:
@@ -95,7 +98,12 @@ def _footprint_sums(xp: Any, values: Any, ends: tuple[Any, Any], axis: int, size
     return xp.moveaxis(summed, 0, axis)
 
 
-def _bilinear(xp: Any, grey: Any, size: int, matmul: Any) -> Any:
+def _levels(xp: Any, pixels: Any, levels: int) -> Any:
+    return xp.rint(xp.clip(pixels, 0.0, 1.0) * levels).astype(xp.int32)
+
+
+def _bilinear(xp: Any, pixels: Any, size: int, matmul: Any) -> Any:
+    grey = _levels(xp, pixels, LEVELS)
     height, width = grey.shape
     rows, cols = triangle_weights(xp, height, size), triangle_weights(xp, width, size)
     down = _divide_rounding(matmul(rows, grey), xp.sum(rows, axis=1)[:, None])
@@ -108,21 +116,18 @@ def resize(xp: Any, pixels: Any, size: int, matmul: Any = exact_numpy_matmul) ->
     `matmul(a, b)` multiplies integer matrices exactly: `exact_numpy_matmul`
     for NumPy, an int32 dot for JAX (`vertjax.export`).
     """
-    grey = xp.rint(xp.clip(pixels, 0.0, 1.0) * LEVELS).astype(xp.int32)
     height, width = pixels.shape
     if xp is np:
-        return (
-            _box(np, grey, size)
-            if min(height, width) >= size
-            else _bilinear(np, grey, size, matmul)
-        )
+        if min(height, width) >= size:
+            return _box(np, pixels, size)
+        return _bilinear(np, pixels, size, matmul)
     import jax
 
     # Symbolic sizes: the branch is chosen when the function runs.
     shrink = (xp.asarray(height) >= size) & (xp.asarray(width) >= size)
     return jax.lax.cond(
         shrink,
-        lambda g: _box(xp, g, size),
-        lambda g: _bilinear(xp, g, size, matmul),
-        grey,
+        lambda p: _box(xp, p, size),
+        lambda p: _bilinear(xp, p, size, matmul),
+        pixels,
     )
