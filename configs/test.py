@@ -35,6 +35,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.val_max_batches = 2
     config.checkpoint_every = 3
     config.keep_checkpoints = 1
-    config.tensorboard_examples = 1
+    config.tensorboard_examples = 0  # tests/test_main.py turns it on for one run
     config.read_threads = 1
     return config

@@ -88,9 +88,10 @@ def _run(env, data_dir, workdir, *flags, script=None, expect=0):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, env, data_dir):
-    """A finished 6-step run of configs/test.py (do not modify; copy it)."""
+    """A finished 6-step run of configs/test.py, drawing one validation radiograph
+    into TensorBoard at each validation (do not modify; copy it)."""
     workdir = tmp_path_factory.mktemp("trained") / "run"
-    log = _run(env, data_dir, workdir)
+    log = _run(env, data_dir, workdir, "--config.tensorboard_examples=1")
     return workdir, log
 
 
@@ -163,7 +164,7 @@ def test_rerun_of_a_finished_run_only_evaluates(trained, tmp_path, env, data_dir
     results = json.loads((workdir / evaluate.RESULTS_JSON).read_text())
     (workdir / evaluate.RESULTS_JSON).unlink()
     (workdir / evaluate.RESULTS_MD).unlink()
-    log = _run(env, data_dir, workdir)
+    log = _run(env, data_dir, workdir, "--config.tensorboard_examples=1")  # trained's config
     assert "at step 6" in log and "training steps" not in log
     # No step ran: no checkpoint written or removed, no line logged.
     assert _checkpoint_steps(workdir) == _checkpoint_steps(trained[0])

@@ -278,8 +278,6 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, env, dataset_f
         # limit, so only checkpoint writes can meet it.
         "--config.eval_every=2",
         "--config.keep_checkpoints=1",
-        # No drawn radiographs: their TensorBoard images would meet the limit first.
-        "--config.tensorboard_examples=0",
     )
     proc = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
