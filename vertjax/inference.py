@@ -217,6 +217,16 @@ def predict(
     return out
 
 
+def predict_records(
+    model: Predictor, records: Sequence[dict[str, Any]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(points [N, K, 2] in model pixels, confidence [N, K]) of dataset records' S x S images."""
+    size = model.image_size
+    images = np.stack([np.asarray(r["image"]).reshape(size, size) for r in records])
+    points, confidence = make_infer(model)(images)
+    return np.asarray(points), np.asarray(confidence)
+
+
 def to_original(points: np.ndarray, *, width: int, height: int, size: int) -> np.ndarray:
     """Model pixels (x, y) [..., 2] of an S x S input -> original pixels of a W x H image.
 

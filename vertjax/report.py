@@ -350,10 +350,7 @@ def example_figures(run_path: str | os.PathLike, n: int) -> list[Figure]:
     records = [source[i] for i in range(min(n, len(source)))]
     if not records:
         return []
-    images = np.stack(
-        [np.asarray(r["image"]).reshape(model.image_size, model.image_size) for r in records]
-    )
-    points, confidence = (np.asarray(a) for a in inference.make_infer(model)(images))
+    points, confidence = inference.predict_records(model, records)
     return [
         overlay.draw_record(
             record,

@@ -334,15 +334,13 @@ class _Examples:
         predictor = dataclasses.replace(
             self.predictor, variables={"params": runs.inference_params(state)}
         )
-        size = predictor.image_size
-        images = np.stack([np.asarray(r["image"]).reshape(size, size) for r in self.records])
-        points, confidence = (np.asarray(a) for a in inference.make_infer(predictor)(images))
+        points, confidence = inference.predict_records(predictor, self.records)
         return [
             overlay.draw_record(
                 record,
                 points[i],
                 confidence[i],
-                image_size=size,
+                image_size=predictor.image_size,
                 threshold=predictor.presence_threshold,
                 title=f"step {step}: {overlay.text(record['image_id'])}",
             )
