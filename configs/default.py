@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.activation = "relu"
     config.model.bottleneck_dilations = ()  # e.g. (2, 4, 8): dilated blocks widen the view
     config.model.global_context = False  # add a pooled context vector at the bottleneck
+    config.model.coord_channels = False  # add row and column position as input channels
 
     # Targets and loss.
     config.loss = "l3"  # mse, l1, l2 or l3 (paper, Appendix B)

@@ -60,6 +60,7 @@ def test_deep_options():
         activation="silu",
         bottleneck_dilations=(1, 2),
         global_context=True,
+        coord_channels=True,
     )
     params, out, _, grads = init_and_grad(model, 37, 50, batch=2)
     assert out.shape == (2, 37, 50, 3)
@@ -67,6 +68,8 @@ def test_deep_options():
     # max_features caps the deepest level's channels.
     assert params["params"]["ConvBlock_6"]["Conv_0"]["kernel"].shape[-1] == 8
     assert "Dense_0" in params["params"]  # the global-context block
+    # The image plus its row and column channels.
+    assert params["params"]["ConvBlock_0"]["Conv_0"]["kernel"].shape[2] == 3
 
 
 def test_zero_init_output_starts_at_bias():

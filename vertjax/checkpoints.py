@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from vertjax import files
+
 BEST_METRIC = "id_accuracy"
 _ITEMS = ("state", "data", "config", "meta")
 
@@ -64,10 +66,10 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """A CheckpointManager over `directory` keeping the latest N and the best."""
 
-    def __init__(self, directory: str, *, keep: int = 2, read_only: bool = False):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, read_only: bool = False):
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be at least 1, got {keep}")
-        self.directory = os.path.abspath(directory)
+        self.directory = files.as_path(directory)
         policy = checkpoint_managers.AnyPreservationPolicy(
             [
                 checkpoint_managers.LatestN(n=keep),
@@ -200,7 +202,7 @@ class Checkpointer:
 
         Checked from the checkpoint's metadata, before any array is read.
         """
-        path = os.path.join(self.directory, str(step), "state")
+        path = self.directory / str(step) / "state"
         try:
             saved_tree = ocp.StandardCheckpointer().metadata(path).item_metadata
         except (OSError, ValueError, KeyError) as e:
@@ -232,10 +234,10 @@ class Checkpointer:
         grain saves one position per process ('process_<i>-of-<n>.json'); a
         run with another number of processes cannot continue those streams.
         """
-        data_dir = os.path.join(self.directory, str(step), "data")
-        if not os.path.isdir(data_dir):
+        data_dir = self.directory / str(step) / "data"
+        if not data_dir.is_dir():
             return
-        written = [n for n in os.listdir(data_dir) if n.startswith("process_")]
+        written = [p.name for p in data_dir.iterdir() if p.name.startswith("process_")]
         if not written or f"process_{jax.process_index()}-of-{jax.process_count()}.json" in written:
             return
         counts = sorted({n.rsplit("-of-", 1)[-1].removesuffix(".json") for n in written})

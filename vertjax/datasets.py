@@ -18,6 +18,7 @@ from absl import logging
 
 # Importing the builder module registers `spine_radiographs` with TFDS.
 from tfds_builder.spine_radiographs import spine_radiographs_dataset_builder as sr
+from vertjax import files
 
 DATASET: str = "spine_radiographs"
 DATA_DIR_ENV: str = "VERTJAX_DATA_DIR"
@@ -82,6 +83,13 @@ def get_builder(
     """
     config = config_name(name)
     data_dir = os.fspath(data_dir) if data_dir else default_data_dir()
+    if not files.is_local(data_dir):
+        # array_record opens its files with plain file descriptors.
+        raise DataError(
+            f"{data_dir}: datasets are read and built on a local disk only (array_record "
+            "opens local files); copy the dataset folder to each host, or mount the bucket "
+            "(Cloud Storage FUSE), and give that folder as the data directory"
+        )
     known = [c.name for c in sr.Builder.BUILDER_CONFIGS]
     if config not in known:
         raise DataError(f"unknown dataset config {config!r}: expected one of {', '.join(known)}")

@@ -14,7 +14,6 @@ checkpoint step, steps, train_seconds and every metric) and `results.md`
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -252,9 +251,10 @@ def write_results(workdir: str, record: dict[str, Any]) -> None:
     """Writes `results.json` and `results.md` into `workdir` (process 0 only)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    files.write_json(os.path.join(workdir, RESULTS_JSON), record)
-    files.write_atomic(os.path.join(workdir, RESULTS_MD), results_markdown(record))
+    workdir = files.as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    files.write_json(workdir / RESULTS_JSON, record)
+    files.write_atomic(workdir / RESULTS_MD, results_markdown(record))
 
 
 def evaluate_checkpoint(
@@ -275,7 +275,7 @@ def evaluate_checkpoint(
     Returns:
       The results record (as written to `<workdir>/results.json`).
     """
-    workdir = os.path.abspath(workdir)
+    workdir = files.as_path(workdir)
     mesh = config_checks.checked_mesh(config)
     builder = runs.open_dataset(config)
     mean, std = datasets.pixel_stats(builder)
@@ -305,6 +305,6 @@ def evaluate_checkpoint(
         split,
         record.get("id_accuracy"),
         record.get("rmse_px"),
-        os.path.join(workdir, RESULTS_JSON),
+        workdir / RESULTS_JSON,
     )
     return record

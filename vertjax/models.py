@@ -95,6 +95,8 @@ class UNet(nn.Module):
       bottleneck_dilations: dilation rates of residual conv blocks after the
         bottleneck, e.g. (2, 4, 8), to widen the receptive field.
       global_context: add a global-average-pooled context vector at the bottleneck.
+      coord_channels: append the pixel's row and column (each from -1 to 1
+        across the image) to the input channels, so naming can use position.
     """
 
     num_outputs: int = vertebrae.K
@@ -109,6 +111,7 @@ class UNet(nn.Module):
     activation: str = "relu"
     bottleneck_dilations: tuple[int, ...] = ()
     global_context: bool = False
+    coord_channels: bool = False
 
     def _width(self, level: int) -> int:
         width = self.features * 2**level
@@ -127,7 +130,14 @@ class UNet(nn.Module):
         height, width = images.shape[1:3]
         multiple = 2**self.depth
         pad_h, pad_w = -height % multiple, -width % multiple
-        x = jnp.pad(images.astype(self.dtype), ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+        x = images.astype(self.dtype)
+        if self.coord_channels:
+            rows, cols = jnp.meshgrid(
+                jnp.linspace(-1, 1, height), jnp.linspace(-1, 1, width), indexing="ij"
+            )
+            coords = jnp.broadcast_to(jnp.stack([rows, cols], -1), (x.shape[0], height, width, 2))
+            x = jnp.concatenate([x, coords.astype(self.dtype)], axis=-1)
+        x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
 
         block = dict(norm=self.norm, activation=self.activation, dtype=self.dtype)
         skips = []
@@ -207,4 +217,6 @@ def from_config(config: Any) -> UNet:
         activation=m["activation"],
         bottleneck_dilations=tuple(m["bottleneck_dilations"]),
         global_context=m["global_context"],
+        # Configs saved before the option existed have no such field.
+        coord_channels=m.get("coord_channels", False),
     )

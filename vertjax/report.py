@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
 from matplotlib.figure import Figure
 
 from vertjax import checkpoints, files, overlay, run_log, vertebrae
@@ -79,7 +80,7 @@ COLUMNS: tuple[Column, ...] = (
 class Run:
     """One training run: its folder, `results.json` and training log events."""
 
-    path: Path
+    path: epath.Path
     results: dict[str, Any]
     events: list[dict[str, Any]]
     seed: Any = "?"
@@ -107,7 +108,7 @@ def as_float(value: Any) -> float:
 
 def load_run(path: str | os.PathLike) -> Run:
     """Reads a run folder; ValueError names the file and the fault."""
-    path = Path(path)
+    path = files.as_path(path)
     results_path = path / RESULTS_FILE
     if not results_path.is_file():
         raise ValueError(f"{results_path}: missing (has the run finished its evaluation?)")
@@ -122,15 +123,15 @@ def load_run(path: str | os.PathLike) -> Run:
     seed = results.get("seed")
     if seed is None:
         seed = _checkpoint_seed(path)
-    return Run(path=path, results=results, events=run_log.read_metrics(str(path)), seed=seed)
+    return Run(path=path, results=results, events=run_log.read_metrics(path), seed=seed)
 
 
-def _checkpoint_seed(path: Path) -> Any:
+def _checkpoint_seed(path: epath.Path) -> Any:
     """The seed in the config of the run's latest checkpoint; '?' without one."""
     ckpt_dir = path / "checkpoints"
     if not ckpt_dir.is_dir():
         return "?"
-    ckpt = checkpoints.Checkpointer(str(ckpt_dir), read_only=True)
+    ckpt = checkpoints.Checkpointer(ckpt_dir, read_only=True)
     try:
         step = ckpt.latest_step()
         return "?" if step is None else ckpt.restore_config(step).get("seed", "?")
@@ -338,7 +339,7 @@ def example_figures(run_path: str | os.PathLike, n: int) -> list[Figure]:
     from vertjax import datasets, inference, runs
 
     # The checkpoint step results.json reports (else the best), on its split.
-    results = Path(run_path) / RESULTS_FILE
+    results = files.as_path(run_path) / RESULTS_FILE
     step = json.loads(results.read_text()).get("steps") if results.is_file() else None
     model = inference.load(workdir=run_path, checkpoint="best" if step is None else int(step))
     config = model.config

@@ -50,22 +50,22 @@ def quiet_libraries() -> None:
 class MetricWriter:
     """Writes scalars to TensorBoard (`<workdir>/tensorboard`) and `metrics.jsonl`."""
 
-    def __init__(self, workdir: str, *, enabled: bool | None = None):
-        self.workdir = workdir
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
+        self.workdir = files.as_path(workdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            # tensorboardX writes event files without TensorFlow.
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            # tensorboardX writes event files without TensorFlow (gs:// through
+            # google-cloud-storage, the `cloud` extra).
+            self._tb = SummaryWriter(os.fspath(self.workdir / "tensorboard"))
 
     def write(self, step: int, kind: str, scalars: Mapping[str, Any]) -> None:
         """Records one event: `scalars` (nested dicts allowed in the JSON line)."""
         if not self.enabled:
             return
         record = {"step": int(step), "kind": kind, **files.plain(scalars)}
-        with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        files.append_text(self.workdir / METRICS_FILE, json.dumps(record) + "\n")
         for name, value in record.items():
             if name in ("step", "kind") or isinstance(value, bool):
                 continue
@@ -87,12 +87,11 @@ class MetricWriter:
         checkpoint at `step` logs those steps again, once."""
         if not self.enabled:
             return
-        path = os.path.join(self.workdir, METRICS_FILE)
         events = read_metrics(self.workdir)
         kept = [e for e in events if int(e.get("step", 0)) <= step]
         if len(kept) == len(events):
             return
-        files.write_atomic(path, "".join(json.dumps(e) + "\n" for e in kept))
+        files.write_atomic(self.workdir / METRICS_FILE, "".join(json.dumps(e) + "\n" for e in kept))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -100,20 +99,19 @@ class MetricWriter:
             self._tb = None
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """All events of `<workdir>/metrics.jsonl`, in order (empty if none)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = files.as_path(workdir) / METRICS_FILE
+    if not path.exists():
         return []
     events = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({e})") from e
+    for line_number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {line_number}: not valid JSON ({e})") from e
     return events
 
 

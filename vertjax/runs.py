@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,7 +31,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from vertjax import checkpoints, datasets, models, postprocess, sharding, shipped
+from vertjax import checkpoints, datasets, files, models, postprocess, sharding, shipped
 
 TrainState = train_state.TrainState
 
@@ -214,12 +213,12 @@ def restore(
       ValueError: no checkpoints folder, or an unknown checkpoint
         (checkpoints.CheckpointError, a ValueError).
     """
-    ckpt_dir = Path(workdir).resolve() / "checkpoints"
+    ckpt_dir = files.as_path(workdir) / "checkpoints"
     if not ckpt_dir.is_dir():
         raise ValueError(
             f"{workdir}: no checkpoints folder (is it a training workdir? train first)"
         )
-    ckpt = checkpoints.Checkpointer(str(ckpt_dir), read_only=True)
+    ckpt = checkpoints.Checkpointer(ckpt_dir, read_only=True)
     try:
         step = ckpt.resolve(checkpoint)
         if config is None:
@@ -346,7 +345,7 @@ def trained_params(source: str, like: Any, *, where: str) -> Any:
     """
     if shipped.is_model(source):
         params = shipped.load(source).params
-    elif (Path(source) / "checkpoints").is_dir():
+    elif (files.as_path(source) / "checkpoints").is_dir():
         params = inference_params(restore(source, "latest").state)
     else:
         raise ValueError(

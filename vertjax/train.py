@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +34,7 @@ from vertjax import (
     config_checks,
     datasets,
     evaluate,
+    files,
     heatmaps,
     inference,
     input_pipeline,
@@ -432,7 +432,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       NonFiniteLossError: the loss became NaN/inf; names the step.
       ValueError: a config that cannot work (batch size vs devices, names).
     """
-    workdir = os.path.abspath(workdir)
+    workdir = files.as_path(workdir)
     mesh = config_checks.checked_mesh(config)
     data = _open_data(config)
     train_iter = _train_iterator(config, data)
@@ -444,10 +444,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             config.init_from, like, where=f"config.init_from={config.init_from}"
         )
     # Made only now: a config or dataset fault leaves no workdir behind.
-    os.makedirs(workdir, exist_ok=True)
-    ckpt = checkpoints.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
-    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     state, meta = _restore_or_init(config, mesh, ckpt, train_iter, warm)
     start = int(jax.device_get(state.step))
     logging.info(
