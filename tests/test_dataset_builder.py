@@ -435,6 +435,55 @@ def test_folder_bad_input_names_file_row_and_fault(tmp_path, case):
     assert not (data_dir / "spine_radiographs").exists()
 
 
+NEGATIVE_FIELDS = [*FIELDS, "negative"]
+
+
+def _listed_folder(root: Path) -> list[dict]:
+    """a.png labelled, b.png listed as a negative, c.png in the tree but not listed."""
+    root.mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(np.full((80, 40), 100, np.uint8)).save(root / name)
+    return [
+        {"image": "a.png", "participant": "p", "vertebra": "T4", "x": 10, "y": 10, "negative": ""},
+        {"image": "a.png", "participant": "p", "vertebra": "T5", "x": 12, "y": 30, "negative": 0},
+        {"image": "b.png", "participant": "q", "vertebra": "", "x": "", "y": "", "negative": 1},
+    ]
+
+
+def test_folder_negative_column_takes_only_listed_images(tmp_path):
+    root = tmp_path / "folder"
+    rows = _listed_folder(root)
+    _write_csv(root, rows, NEGATIVE_FIELDS)
+    images = {i.image_id: i for i in folder_source.read_folder(str(root))}
+    assert sorted(images) == ["a.png", "b.png"]  # c.png is left out, not a negative
+    assert images["a.png"].labeled.tolist() == [True, True] + [False] * 11
+    assert images["b.png"].labeled.sum() == 0 and images["b.png"].participant_id == "q"
+    # Without the column, the unlisted image is a negative, as before.
+    _write_csv(root, rows[:2], FIELDS)
+    assert sorted(i.image_id for i in folder_source.read_folder(str(root))) == [
+        "a.png",
+        "b.png",
+        "c.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    "case, change, expected",
+    [
+        ("flag", {"negative": "yes"}, "row 4: column 'negative' must be 1, 0 or empty, not 'yes'"),
+        ("point", {"vertebra": "T6"}, "row 4: a row with negative=1 must leave vertebra, x and y"),
+        ("both", {"image": "a.png", "participant": "p"}, "row 4: image 'a.png' is marked negative"),
+    ],
+)
+def test_folder_negative_rows_are_checked(tmp_path, case, change, expected):
+    root = tmp_path / "folder"
+    rows = _listed_folder(root)
+    rows[2].update(change)
+    _write_csv(root, rows, NEGATIVE_FIELDS)
+    with pytest.raises(folder_source.FolderError, match=re.escape(expected)):
+        folder_source.read_folder(str(root))
+
+
 def test_failure_while_writing_leaves_no_dataset(tmp_path):
     """An image whose header reads but whose pixels do not fails mid-build, atomically."""
     manual = tmp_path / "folder"

@@ -8,6 +8,7 @@
   vertjax compare   --dataset=NAME [--seeds=3]
   vertjax data      build|preview --config=NAME
   vertjax ship      --workdir=RUN --out=FOLDER
+  vertjax review    PRED_DIR [--images=DIR] [--host=127.0.0.1] [--port=8765]
 
 `python -m vertjax <command>` is the same; so is `python -m vertjax.<command>`
 for the library modules that carry a command (`python -m vertjax.main` is
@@ -44,6 +45,8 @@ from vertjax import (
     runs,
     shipped,
 )
+from vertjax.review import catalog as review_catalog
+from vertjax.review import server as review_server
 
 FLAGS = flags.FLAGS
 
@@ -56,6 +59,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     aasce.AnnotationError,
     imaging.ImageError,
     exported.ExportedModelError,
+    review_catalog.CatalogError,
     FileNotFoundError,
 )
 
@@ -285,6 +289,49 @@ def _ship(argv: Sequence[str]) -> int:
     return 0
 
 
+# ------------------------------------------------------------------- review
+
+
+def _define_review() -> None:
+    flags.DEFINE_string(
+        "images",
+        None,
+        "Folder holding the radiographs; annotations.csv and review.json are written at its "
+        "top. Default: the deepest folder holding every image predictions.csv names.",
+    )
+    flags.DEFINE_string(
+        "host", "127.0.0.1", "Address to serve on; any but 127.0.0.1 requires the printed token."
+    )
+    flags.DEFINE_integer("port", 8765, "Port to serve on (0 = any free port).", lower_bound=0)
+
+
+def _review(argv: Sequence[str]) -> int:
+    if len(argv) != 2:
+        raise app.UsageError("give one prediction folder: vertjax review PRED_DIR")
+    try:
+        server = review_server.make_server(
+            argv[1], images=FLAGS.images, host=FLAGS.host, port=FLAGS.port
+        )
+    except OSError as e:
+        return fail(f"cannot serve on {FLAGS.host}:{FLAGS.port}: {e.strerror or e}")
+    found = server.app.catalog
+    print(
+        f"vertjax: {len(found.predictions)} radiograph(s) from {found.pred_dir}; corrections "
+        f"go to {server.app.store.csv_path}",
+        file=sys.stderr,
+    )
+    if server.app.token:
+        print("vertjax: open this address (it carries the access token):", file=sys.stderr)
+    print(f"vertjax: review at {server.url}  (Ctrl-C stops)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 # --------------------------------------------------------------- dispatch
 
 
@@ -304,6 +351,7 @@ COMMANDS: dict[str, Command] = {
     "compare": Command("the four losses x seeds, then the report", _define_compare, _compare),
     "data": Command("build or preview a dataset", _define_data, _data),
     "ship": Command("package a run as a shipped model", _define_ship, _ship),
+    "review": Command("check and correct predictions in the browser", _define_review, _review),
 }
 # Training and evaluation are vertjax.main's flags (config files).
 TRAINING_COMMANDS: tuple[str, ...] = ("train", "evaluate")

@@ -5,9 +5,17 @@ at the top with the columns `image` (path relative to the folder),
 `participant`, `vertebra` (T4..L4), `x`, `y` (original pixels, origin at the
 top-left corner of the image) and optionally `split` (train, validation or
 test; empty means by hash). One row per labelled vertebra; an image with no
-rows is an unlabelled negative. `read_folder` checks everything it can
-before any record is written and raises `FolderError` naming the file, the
-row (its line number in the csv, header = line 1) and the fault.
+rows is an unlabelled negative.
+
+The optional column `negative` makes the csv the list of images: only the
+images it names are read, every other image in the tree is left out, and a
+row with `negative` = 1 (vertebra, x and y empty) names an image that shows
+none of T4..L4. `vertjax review` writes this column, so that radiographs
+nobody has reviewed yet never enter training as negatives.
+
+`read_folder` checks everything it can before any record is written and
+raises `FolderError` naming the file, the row (its line number in the csv,
+header = line 1) and the fault.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from vertjax import imaging, vertebrae
 
 ANNOTATIONS: str = "annotations.csv"
 REQUIRED_COLUMNS: tuple[str, ...] = ("image", "participant", "vertebra", "x", "y")
+# Present: the csv lists every image to use (see the module docstring).
+NEGATIVE: str = "negative"
 SPLIT_NAMES: frozenset[str] = frozenset({"train", "validation", "test"})
 
 
@@ -109,8 +119,8 @@ def _first_undecodable(csv_path: str) -> tuple[int, int]:
     return 0, 0
 
 
-def _read_rows(csv_path: str) -> list[tuple[int, dict[str, str]]]:
-    """(line number, {column: stripped value}) of every row below the header."""
+def _read_rows(csv_path: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and (line number, {column: stripped value}) of every row below it."""
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
@@ -128,7 +138,7 @@ def _read_rows(csv_path: str) -> list[tuple[int, dict[str, str]]]:
             raise FolderError(
                 f"{csv_path} row {reader.line_num + 1}: not valid CSV ({e})"
             ) from None
-    return rows
+    return header, rows
 
 
 def _row_values(row: dict, header: list[str], csv_path: str, line: int) -> dict[str, str]:
@@ -144,6 +154,16 @@ def _row_values(row: dict, header: list[str], csv_path: str, line: int) -> dict[
     return {k: (v or "").strip() for k, v in row.items()}
 
 
+def _negative(row: dict[str, str], where: str) -> bool:
+    """The row's `negative` flag; a negative row may name no vertebra or point."""
+    flag = row.get(NEGATIVE, "")
+    if flag not in ("", "0", "1"):
+        raise FolderError(f"{where}: column {NEGATIVE!r} must be 1, 0 or empty, not {flag!r}")
+    if flag == "1" and any(row[c] for c in ("vertebra", "x", "y")):
+        raise FolderError(f"{where}: a row with {NEGATIVE}=1 must leave vertebra, x and y empty")
+    return flag == "1"
+
+
 def read_folder(root: str) -> list[FolderImage]:
     """Reads and validates a user's folder.
 
@@ -151,7 +171,8 @@ def read_folder(root: str) -> list[FolderImage]:
       root: the folder holding the images and `annotations.csv`.
 
     Returns:
-      Every image (labelled ones and negatives), sorted by image id.
+      Every image (labelled ones and negatives), sorted by image id; with a
+      `negative` column, only the images the csv names.
 
     Raises:
       FolderError: any fault, naming the file and row.
@@ -163,7 +184,7 @@ def read_folder(root: str) -> list[FolderImage]:
     if not os.path.isfile(csv_path):
         raise FolderError(f"{csv_path}: annotations file not found")
     try:
-        rows = _read_rows(csv_path)
+        header, rows = _read_rows(csv_path)
     except UnicodeDecodeError:
         line, byte = _first_undecodable(csv_path)
         raise FolderError(
@@ -171,6 +192,7 @@ def read_folder(root: str) -> list[FolderImage]:
         ) from None
     if not rows:
         raise FolderError(f"{csv_path}: no annotation rows below the header")
+    listed_only = NEGATIVE in header
 
     labels: dict[str, dict] = {}
     seen: dict[tuple[str, int], int] = {}
@@ -181,18 +203,20 @@ def read_folder(root: str) -> list[FolderImage]:
         participant = row["participant"]
         if not participant:
             raise FolderError(f"{where}: empty participant")
-        try:
-            k = vertebrae.index(row["vertebra"])
-        except ValueError as e:
-            raise FolderError(f"{where}: {e}") from None
-        x = _number(row["x"], "x", where)
-        y = _number(row["y"], "y", where)
-        if (image_id, k) in seen:
-            raise FolderError(
-                f"{where}: duplicate vertebra {vertebrae.NAMES[k]} for image {image_id!r} "
-                f"(first on row {seen[image_id, k]})"
-            )
-        seen[image_id, k] = line
+        negative = _negative(row, where) if listed_only else False
+        if not negative:
+            try:
+                k = vertebrae.index(row["vertebra"])
+            except ValueError as e:
+                raise FolderError(f"{where}: {e}") from None
+            x = _number(row["x"], "x", where)
+            y = _number(row["y"], "y", where)
+            if (image_id, k) in seen:
+                raise FolderError(
+                    f"{where}: duplicate vertebra {vertebrae.NAMES[k]} for image {image_id!r} "
+                    f"(first on row {seen[image_id, k]})"
+                )
+            seen[image_id, k] = line
         split = row.get("split") or None
         if split is not None and split not in SPLIT_NAMES:
             raise FolderError(
@@ -215,6 +239,7 @@ def read_folder(root: str) -> list[FolderImage]:
                 "line": line,
                 "points": {},
                 "split": split,
+                "negative": None,
             },
         )
         if entry["participant"] != participant:
@@ -222,11 +247,20 @@ def read_folder(root: str) -> list[FolderImage]:
                 f"{where}: image {image_id!r} belongs to participant {participant!r} here but "
                 f"to {entry['participant']!r} on row {entry['line']}"
             )
-        entry["points"][k] = (x, y, line)
+        if negative:
+            entry["negative"] = line
+        else:
+            entry["points"][k] = (x, y, line)
+        if entry["negative"] is not None and entry["points"]:
+            first = min(p[2] for p in entry["points"].values())
+            raise FolderError(
+                f"{where}: image {image_id!r} is marked negative on row {entry['negative']} "
+                f"but has a vertebra on row {first}"
+            )
 
     images = []
     unlabelled = {}
-    for rel in list_images(root):
+    for rel in () if listed_only else list_images(root):
         if rel not in labels:
             # The rule of the csv paths holds for found files too: a link that
             # leads out of the folder is refused, not followed.

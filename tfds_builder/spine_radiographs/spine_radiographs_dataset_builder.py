@@ -113,7 +113,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     folder: a directory of PNG, JPEG, TIFF or DICOM images with an
     annotations.csv (columns image, participant, vertebra, x, y, optional
-    split); see the README.
+    split and negative); see the README.
     """
 
     def __init__(self, *, file_format=None, **kwargs):
