@@ -45,7 +45,11 @@ def as_path(path: str | os.PathLike) -> epath.Path:
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Writes `data` (text as UTF-8) to a temporary file beside `path`, then
-    renames it into place; a cloud object is uploaded in one piece."""
+    renames it into place; a cloud object is uploaded in one piece.
+
+    The data and the rename are flushed to disk (fsync) before returning, so
+    that a power cut cannot leave an empty file where the old one was.
+    """
     if isinstance(data, str):
         data = data.encode()
     if not is_local(path):
@@ -58,10 +62,27 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes a rename in `folder` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the rename still happened
+    finally:
+        os.close(fd)
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:
