@@ -7,6 +7,9 @@ comma-separated list of ints, an absl list flag), the time of the batch-mean
 loss and its gradient with respect to the predictions [B, 264, 264, 13]:
 
 - vertjax: `jax.jit(jax.value_and_grad(...))` of `vertjax.losses.get(name)`;
+- vertjax_native: the same with `vertjax.native_loss.batch_mean(name)`, the
+  one-sweep CPU kernel (`config.loss_kernel='native'`; CPU only, built on
+  first use; `--nonative` skips it);
 - numpy: a plain NumPy forward pass and its analytic gradient;
 - torch: PyTorch eager with autograd (skipped, with a note, without torch;
   `--notorch` skips it too);
@@ -110,16 +113,26 @@ def load_losses(path: str | None):
     return module
 
 
-def jax_contender(module, name: str, predictions, targets, labeled) -> Callable[[], Any]:
-    import jax
+def batch_mean_of(module, name: str) -> Callable[..., Any]:
+    """`fn(p, y, lab) -> []`: the batch mean of `module.get(name)`."""
     import jax.numpy as jnp
 
     loss_fn = module.get(name)
-    step = jax.jit(
-        jax.value_and_grad(
-            lambda p, y, lab: jnp.mean(loss_fn(predictions=p, targets=y, labeled=lab))
-        )
-    )
+    return lambda p, y, lab: jnp.mean(loss_fn(predictions=p, targets=y, labeled=lab))
+
+
+def native_batch_mean(name: str) -> Callable[..., Any]:
+    """`fn(p, y, lab) -> []`: `vertjax.native_loss.batch_mean(name)`."""
+    from vertjax import native_loss
+
+    fn = native_loss.batch_mean(name)
+    return lambda p, y, lab: fn(predictions=p, targets=y, labeled=lab)
+
+
+def jax_contender(batch_mean: Callable[..., Any], predictions, targets, labeled):
+    import jax
+
+    step = jax.jit(jax.value_and_grad(batch_mean))
     return lambda: jax.block_until_ready(step(predictions, targets, labeled))
 
 
@@ -204,19 +217,18 @@ def _fresh_torch_compile_cache() -> None:
     torch._dynamo.config.recompile_limit = 64
 
 
-def check_agreement(module, predictions, targets, labeled) -> dict[str, float]:
-    """Max relative difference of vertjax's value and gradient from NumPy's, per loss."""
+def check_agreement(batch_mean_of_name, predictions, targets, labeled) -> dict[str, float]:
+    """Max relative difference of a batch-mean loss's value and gradient from NumPy's, per loss.
+
+    `batch_mean_of_name(name)` gives `fn(p, y, lab) -> []`.
+    """
     import jax
-    import jax.numpy as jnp
 
     out = {}
     for name in LOSSES:
-        fn = module.get(name)
-        value, grad = jax.jit(
-            jax.value_and_grad(
-                lambda p, y, lab, fn=fn: jnp.mean(fn(predictions=p, targets=y, labeled=lab))
-            )
-        )(predictions, targets, labeled)
+        value, grad = jax.jit(jax.value_and_grad(batch_mean_of_name(name)))(
+            predictions, targets, labeled
+        )
         ref_value, ref_grad = numpy_value_and_grad(name, predictions, targets, labeled)
         scale = np.max(np.abs(ref_grad))
         out[name] = max(
@@ -233,14 +245,21 @@ def run_batch(
     with_numpy: bool,
     torch_device: str | None,
     torch_compile: bool,
+    native: bool,
     baseline,
 ) -> dict[str, Any]:
     """Times every contender at batch size `batch` (PyTorch on `torch_device`, if any)."""
     import jax
     import jax.numpy as jnp
 
-    from vertjax import losses
+    from vertjax import losses, native_loss
 
+    native_note = None
+    if native:
+        try:
+            native_loss.register()
+        except native_loss.NativeLossError as e:
+            native, native_note = False, str(e)
     np_inputs = make_inputs(batch)
     predictions, targets, labeled = (jnp.asarray(a) for a in np_inputs)
     floor_fn = jax.jit(lambda a, b: a * 2.0 + b)
@@ -255,10 +274,16 @@ def run_batch(
     if torch_device is not None and torch_compile:
         _fresh_torch_compile_cache()
     for name in LOSSES:
-        jit_group[f"{name}/vertjax"] = jax_contender(losses, name, predictions, targets, labeled)
+        jit_group[f"{name}/vertjax"] = jax_contender(
+            batch_mean_of(losses, name), predictions, targets, labeled
+        )
+        if native:
+            jit_group[f"{name}/vertjax_native"] = jax_contender(
+                native_batch_mean(name), predictions, targets, labeled
+            )
         if baseline is not None:
             jit_group[f"{name}/baseline"] = jax_contender(
-                baseline, name, predictions, targets, labeled
+                batch_mean_of(baseline, name), predictions, targets, labeled
             )
         if with_numpy:
             eager_group[f"{name}/numpy"] = lambda name=name: numpy_value_and_grad(name, *np_inputs)
@@ -277,7 +302,13 @@ def run_batch(
     result: dict[str, Any] = {
         "batch": batch,
         "floor": {**floor, "bytes": bytes_moved, "GB_per_s": bytes_moved / floor["median_s"] / 1e9},
-        "agreement_max_rel_diff": check_agreement(losses, predictions, targets, labeled),
+        "agreement_max_rel_diff": check_agreement(
+            lambda name: batch_mean_of(losses, name), predictions, targets, labeled
+        ),
+        "native_agreement_max_rel_diff": (
+            check_agreement(native_batch_mean, predictions, targets, labeled) if native else None
+        ),
+        "native_skipped": native_note,
         "torch_compile_checks": compile_checks,
         "losses": {},
     }
@@ -289,6 +320,8 @@ def run_batch(
 
 def print_batch(result: dict[str, Any], repeats: int) -> None:
     floor = result["floor"]
+    if result["native_skipped"]:
+        print(f"vertjax_native skipped: {result['native_skipped']}")
     print(
         f"\nloss value_and_grad, [{result['batch']}, {SIZE}, {SIZE}, {K}] float32, "
         f"median of {repeats} (ms); floor = {floor['bytes'] / 1e6:.0f} MB at "
@@ -298,24 +331,30 @@ def print_batch(result: dict[str, Any], repeats: int) -> None:
     for name, impls in result["losses"].items():
         ms = {impl: s["median_s"] * 1e3 for impl, s in impls.items()}
         vj = ms["vertjax"]
+        nat = ms.get("vertjax_native")
         compiled = [ms[impl] for impl in TORCH_LAYOUTS if impl in ms]
+        native_diff = (result["native_agreement_max_rel_diff"] or {}).get(name)
         checks = result["torch_compile_checks"].get(name, {})
         rows.append(
             [
                 name,
                 vj,
                 impls["vertjax"]["min_s"] * 1e3,
+                nat,
                 ms.get("baseline"),
                 ms.get("numpy"),
                 ms.get("torch"),
                 ms.get("torch_compile"),
                 ms.get("torch_compile_nchw"),
                 vj / (floor["median_s"] * 1e3),
+                nat / (floor["median_s"] * 1e3) if nat else None,
                 ms["torch"] / vj if "torch" in ms else None,
                 min(compiled) / vj if compiled else None,
+                min(compiled) / nat if compiled and nat else None,
                 ms["numpy"] / vj if "numpy" in ms else None,
                 ms["baseline"] / vj if "baseline" in ms else None,
                 result["agreement_max_rel_diff"][name],
+                native_diff,
                 max((c["max_rel_diff"] for c in checks.values()), default=None),
                 sum(c["graph_breaks"] for c in checks.values()) if checks else None,
             ]
@@ -326,17 +365,21 @@ def print_batch(result: dict[str, Any], repeats: int) -> None:
                 "loss",
                 "vertjax",
                 "(min)",
+                "native",
                 "baseline",
                 "numpy",
                 "torch",
                 "compile",
                 "compile nchw",
                 "vs floor",
+                "native vs floor",
                 "torch/vj",
                 "best compile/vj",
+                "best compile/native",
                 "numpy/vj",
                 "base/vj",
                 "vj rel diff",
+                "native rel diff",
                 "compile rel diff",
                 "graph breaks",
             ],
@@ -350,6 +393,7 @@ def define_flags() -> None:
     common.define_repeats_flag(15, lower_bound=10)
     flags.DEFINE_string("baseline", None, "another losses.py to time alongside")
     flags.DEFINE_bool("numpy", True, "Time the NumPy reference alongside.")
+    flags.DEFINE_bool("native", True, "Time vertjax's one-sweep CPU kernel (CPU only).")
     flags.DEFINE_bool(
         "torch_compile", True, "Time torch.compile (inductor) alongside PyTorch eager."
     )
@@ -358,6 +402,8 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     info = common.start_timing(argv)
+    import jax
+
     torch_device = common.torch_device(info)
     baseline = load_losses(FLAGS.baseline) if FLAGS.baseline else None
     batches = common.list_value("batch")
@@ -370,6 +416,7 @@ def main(argv: Sequence[str]) -> None:
             with_numpy=FLAGS.numpy,
             torch_device=torch_device,
             torch_compile=FLAGS.torch_compile,
+            native=FLAGS.native and jax.default_backend() == "cpu",
             baseline=baseline,
         )
         print_batch(result, FLAGS.repeats)

@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Targets and loss.
     config.loss = "l3"  # mse, l1, l2 or l3 (paper, Appendix B)
+    # xla: the loss as XLA compiles it (every platform). native: a one-sweep
+    # CPU kernel (vertjax/native_loss.py, built with the machine's C++
+    # compiler on first use), one CPU device only; the same values.
+    config.loss_kernel = "xla"
     config.sigma = 8.0  # target Gaussian width, model px (final value); 3 stays on the plateau
     # Optional sigma schedule: wide targets early, narrowing linearly from
     # sigma_start to `sigma` over sigma_decay_steps. sigma_decay_steps = 0 is off.

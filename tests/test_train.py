@@ -46,7 +46,7 @@ def _state(lr=1e-2):
 def _step(aug=None, loss="l3"):
     return functools.partial(
         train.train_step,
-        loss_fn=losses.get(loss),
+        batch_loss=lambda **inputs: losses.mean(losses.get(loss)(**inputs)),
         image_size=S,
         sigma=2.0,
         sigma_start=2.0,

@@ -20,6 +20,8 @@ import ml_collections
 from configs import default
 from vertjax import losses, models, runs, sharding
 
+LOSS_KERNELS: tuple[str, ...] = ("xla", "native")
+
 
 def check(config: ml_collections.ConfigDict) -> None:
     """ValueError naming the first field of `config` with a wrong type or value."""
@@ -33,6 +35,11 @@ def checked_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     mesh = sharding.make_mesh(config.mesh.data)
     sharding.check_batch_size(config.batch_size, mesh)
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    if config.loss_kernel == "native" and (mesh.size > 1 or jax.default_backend() != "cpu"):
+        raise ValueError(
+            "config.loss_kernel='native' runs on one CPU device; this run has "
+            f"{mesh.size} {jax.default_backend()} device(s): use loss_kernel='xla'"
+        )
     return mesh
 
 
@@ -116,6 +123,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         losses.get(config.loss)
     except ValueError as e:
         raise ValueError(f"config.loss: {e}") from None
+    _choice("config.loss_kernel", config.loss_kernel, LOSS_KERNELS, "loss kernel")
     m = config.model
     _choice("config.model.norm", m.norm, models.NORMS, "norm")
     _choice("config.model.upsample", m.upsample, models.UPSAMPLES, "upsample")

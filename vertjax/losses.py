@@ -139,7 +139,7 @@ def _example_loss(
     return jnp.sum(weight * (targets - predictions) ** 2) / targets.size
 
 
-def _checked(
+def checked(
     predictions: jax.Array, targets: jax.Array, labeled: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The inputs as float32, float32, bool, after checking their shapes."""
@@ -159,9 +159,7 @@ def _checked(
 def _reference_loss(
     *, predictions: jax.Array, targets: jax.Array, labeled: jax.Array, rule: Rule
 ) -> jax.Array:
-    return jax.vmap(functools.partial(_example_loss, rule))(
-        *_checked(predictions, targets, labeled)
-    )
+    return jax.vmap(functools.partial(_example_loss, rule))(*checked(predictions, targets, labeled))
 
 
 def reference(name: str) -> LossFn:
@@ -185,16 +183,22 @@ def weights(name: str, *, targets: jax.Array, labeled: jax.Array) -> jax.Array:
     Returns:
       [B, H, W, K] float32 weights.
     """
-    _, targets, labeled = _checked(targets, targets, labeled)
+    _, targets, labeled = checked(targets, targets, labeled)
     return jax.vmap(functools.partial(_example_weights, rule_for(name)))(targets, labeled)
+
+
+def base_weights(rule: Rule, labeled: jax.Array) -> jax.Array:
+    """The weight of each layer's non-hot pixels (rules 2, 3, else): labeled [B, K] -> [B, K]."""
+    return jnp.broadcast_to(
+        jax.vmap(functools.partial(_base_weights, rule))(labeled), labeled.shape
+    ).astype(jnp.float32)
 
 
 def _loss(
     *, predictions: jax.Array, targets: jax.Array, labeled: jax.Array, rule: Rule
 ) -> jax.Array:
-    predictions, targets, labeled = _checked(predictions, targets, labeled)
-    base = jax.vmap(functools.partial(_base_weights, rule))(labeled)
-    return _weighted_mse(predictions, targets, base, rule)
+    predictions, targets, labeled = checked(predictions, targets, labeled)
+    return _weighted_mse(predictions, targets, base_weights(rule, labeled), rule)
 
 
 def _sum_pair(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:

@@ -2,7 +2,8 @@
 
 One `jax.jit` step augments the batch on device (`vertjax.augment`),
 renders the Gaussian targets from the batch centroids, runs the U-Net,
-applies the configured loss (`losses.get`) and an optax Adam update with
+applies the configured loss (`losses.get`, or with loss_kernel='native' the
+one-sweep CPU kernel of `native_loss`) and an optax Adam update with
 warm-up and decay. Everything runs on a `jax.sharding.Mesh` with one 'data'
 axis: the batch is split along it, parameters and optimiser state follow
 config.mesh.param_sharding. The loop (`train`) validates every
@@ -39,6 +40,7 @@ from vertjax import (
     inference,
     input_pipeline,
     losses,
+    native_loss,
     overlay,
     run_log,
     runs,
@@ -71,7 +73,7 @@ def train_step(
     batch: dict[str, jax.Array],
     rng: jax.Array,
     *,
-    loss_fn: losses.LossFn,
+    batch_loss: Callable[..., jax.Array],
     image_size: int,
     sigma: float,
     sigma_start: float,
@@ -87,7 +89,7 @@ def train_step(
       batch: image [B, S, S, 1] float32, centroids [B, K, 2] normalised,
         labeled [B, K] bool (other fields are ignored).
       rng: base PRNG key; folded with the step for this step's augmentation.
-      loss_fn, image_size, sigma, sigma_start, sigma_decay_steps,
+      batch_loss, image_size, sigma, sigma_start, sigma_decay_steps,
         learning_rate_fn, aug, ema_decay: plain values bound with functools.partial.
 
     Returns:
@@ -107,10 +109,9 @@ def train_step(
 
     def loss_of(params):
         predictions = state.apply_fn({"params": params}, images, train=True)
-        per_example = loss_fn(
+        return batch_loss(
             predictions=predictions.astype(jnp.float32), targets=targets, labeled=labeled
         )
-        return losses.mean(per_example)
 
     loss, grads = jax.value_and_grad(loss_of)(state.params)
     metrics = {
@@ -132,6 +133,14 @@ def train_step(
     return new_state, metrics
 
 
+def batch_loss(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
+    """`fn(*, predictions, targets, labeled) -> []`: the batch-mean loss the step differentiates."""
+    if config.loss_kernel == "native":
+        return native_loss.batch_mean(config.loss)
+    per_example = losses.get(config.loss)
+    return lambda **inputs: losses.mean(per_example(**inputs))
+
+
 def make_train_step(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, state_shardings: Any = None
 ) -> Callable[
@@ -146,7 +155,7 @@ def make_train_step(
     """
     step = functools.partial(
         train_step,
-        loss_fn=losses.get(config.loss),
+        batch_loss=batch_loss(config),
         image_size=int(config.image_size),
         sigma=float(config.sigma),
         sigma_start=float(config.sigma_start),
