@@ -157,8 +157,7 @@ def _batch_loss(predictions, targets, base, coef, rule):
 
 
 def _batch_loss_fwd(predictions, targets, base, coef, rule):
-    value, grad = _sweep(predictions, targets, base, coef, rule)
-    return value, grad
+    return _sweep(predictions, targets, base, coef, rule)  # (value, residual gradient)
 
 
 def _batch_loss_bwd(rule, grad, cotangent):
@@ -180,7 +179,7 @@ def _mean(
 ) -> jax.Array:
     register()
     predictions, targets, labeled = losses.checked(predictions, targets, labeled)
-    base = losses.base_weights(rule, labeled).astype(jnp.float32)
+    base = losses.base_weights(rule, labeled)
     if mask is None:
         coef = jnp.full(labeled.shape[:1], 1.0 / labeled.shape[0], jnp.float32)
     else:

@@ -163,6 +163,8 @@ ffi::Error WeightedMseImpl(ffi::Buffer<ffi::F32> predictions, ffi::Buffer<ffi::F
       SweepRowsByPixel<0>(args, first, last, out);
     }
   };
+  // Every share gets a thread of its own: a share run on XLA's calling
+  // thread took l3 30-50 % longer (benchmarks/RESULTS.md).
   std::vector<std::thread> pool;
   for (int64_t t = 0; t < threads; ++t) pool.emplace_back(sweep, t);
   for (auto& thread : pool) thread.join();
