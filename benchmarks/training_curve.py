@@ -11,6 +11,10 @@ list of floats, an absl list flag, e.g. `--marks=0.8,0.9`):
   python -m benchmarks.training_curve runs/aasce_fov_seed0 runs/aasce_fov_seed1 \
       --plot=docs/results/aasce_fov_curve.png --json=/tmp/curve.json
 
+Runs whose folders are gone can still be drawn beside new ones from an
+earlier `--json` output (`--earlier=old.json`); they keep their recorded
+figures and are labelled "(earlier)".
+
 Minutes count from the TensorBoard writer's creation, just before the first
 step (data opened, network initialised), and include compilation and the
 validation passes: what a user waits for. Put runs that shared the machine
@@ -134,8 +138,21 @@ def plot(results: list[dict[str, Any]], path: str, marks: tuple[float, ...]) -> 
     fig.savefig(path, dpi=110)
 
 
-def _reached(minutes: float | None) -> float | str:
-    return "not reached" if minutes is None else minutes
+def earlier_runs(path: str) -> list[dict[str, Any]]:
+    """The runs recorded in a previous `--json` output, labelled as earlier."""
+    try:
+        with open(path) as f:
+            recorded = json.load(f)["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a training_curve --json output ({e})") from e
+    return [{**r, "run": f"{r['run']} (earlier)"} for r in recorded]
+
+
+def _reached(run: dict[str, Any], mark: float) -> float | str:
+    key = f"minutes_to_{round(mark * 100)}"
+    if key not in run:
+        return "-"  # an earlier output that did not look for this mark
+    return "not reached" if run[key] is None else run[key]
 
 
 def define_flags() -> None:
@@ -143,20 +160,24 @@ def define_flags() -> None:
         "marks", MARKS, "Accuracy marks, comma-separated: --marks=0.8,0.9.", kind=float
     )
     flags.DEFINE_string("plot", None, "PNG of validation ID accuracy against minutes")
+    flags.DEFINE_multi_string(
+        "earlier", [], "A previous --json output whose runs are shown too (repeatable)."
+    )
     common.define_json_flag()
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) < 2:
-        raise app.UsageError("give one or more training run folders, then the flags")
+    if len(argv) < 2 and not FLAGS.earlier:
+        raise app.UsageError("give one or more training run folders (or --earlier), then the flags")
     marks = tuple(common.list_value("marks", float))
-    results = [summarize(run, marks) for run in argv[1:]]
+    results = [r for path in FLAGS.earlier for r in earlier_runs(path)]
+    results += [summarize(run, marks) for run in argv[1:]]
     rows = [
         [
             r["run"],
             r["images_per_second"],
             f"{100 * r['best_id_accuracy']:.1f} %" if r["best_id_accuracy"] is not None else "-",
-            *[_reached(r[f"minutes_to_{round(m * 100)}"]) for m in marks],
+            *[_reached(r, m) for m in marks],
         ]
         for r in results
     ]

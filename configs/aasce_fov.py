@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.name = "aasce_fov"
     config.dataset.name = "aasce_fov"
     config.loss = "l2"
+    # Start from the shipped phantom model (configs/l3.py on the synthetic
+    # sagittal films): it already finds and counts vertebrae, which the
+    # real crops alone teach slowly. '' starts from random weights.
+    config.init_from = "phantom"
     config.train_steps = 2400
     config.eval_every = 400
     config.checkpoint_every = 200

@@ -67,6 +67,7 @@ def test_hand_worked_batch_without_fallback():
     assert out["mean_error_px"] == pytest.approx((3 + 11 + 39 + 2) / 4, rel=1e-5)
     assert out["mean_error_mm"] == pytest.approx((3 + 11 + 39) * 0.5 / 3, rel=1e-5)
     assert out["id_rate"] == pytest.approx(1 / 3)
+    assert out["level_slip_share"] == pytest.approx(1 / 3)  # T6 sits on T5 (1 px off)
     assert out["presence_precision"] == pytest.approx(5 / 6)
     assert out["presence_recall"] == pytest.approx(1.0)
     assert out["unlabelled_visible_recall"] == pytest.approx(1.0)
@@ -129,3 +130,19 @@ def test_bad_shape_names_the_field():
     batch["original_size"] = batch["original_size"][:, :1]
     with pytest.raises(ValueError, match="original_size"):
         metrics.batch_sums(**batch, image_size=S, threshold=0.5)
+
+
+def test_level_slips_need_a_visible_neighbour_under_the_point():
+    batch = hand_batch()
+    batch["truth_visible"][0, 1] = False  # T5 hidden: T6 on it is wrong, not a slip
+    out = metrics.summarize(metrics.batch_sums(**batch, image_size=S, threshold=0.5))
+    assert out["id_accuracy"] == pytest.approx(2 / 3) and out["level_slip_share"] == 0.0
+    batch = hand_batch()
+    batch["points"][0, 2] = [5.0, 5.0]  # T6 predicted at y = 100, 20 px from any centroid
+    out = metrics.summarize(metrics.batch_sums(**batch, image_size=S, threshold=0.5))
+    assert out["level_slip_share"] == 0.0
+    batch = hand_batch()
+    batch["points"][0, 0] = [5.0, 2.0]  # T4 at y = 40, on T5 below it; T6 still on T5
+    out = metrics.summarize(metrics.batch_sums(**batch, image_size=S, threshold=0.5))
+    assert out["id_accuracy"] == pytest.approx(1 / 3)
+    assert out["level_slip_share"] == pytest.approx(2 / 3)

@@ -143,3 +143,28 @@ def test_shipped_model_scores_on_the_aasce_fov_validation_crops(tmp_path):
         summary = evaluator.run(found.params, builder.as_data_source(split))
         assert summary["id_accuracy"] == pytest.approx(recorded[split]["id_accuracy"], abs=0.005)
         assert summary["id_accuracy"] >= MIN_ID_ACCURACY, split
+
+
+def test_the_phantom_model_is_labelled_and_names_held_out_phantom_films(data_dir):
+    """The demo model (and the aasce_fov recipe's starting point) is what it says it is."""
+    from vertjax import evaluate, models, sharding
+
+    found = shipped.load("phantom")
+    assert found.info["training_data"] == "spine_radiographs/synthetic"
+    assert "never for real radiographs" in found.info["description"]
+    assert sorted(shipped.names()) == ["aasce_fov", "phantom"]
+    builder = datasets.get_builder("synthetic_small", data_dir=data_dir)
+    evaluator = evaluate.Evaluator(
+        found.config,
+        sharding.make_mesh(1),
+        apply_fn=models.from_config(found.config).apply,
+        mean=found.pixel_mean,
+        std=found.pixel_std,
+        prior=found.prior,
+    )
+    # Participants are split by a hash of their id, so these films are held
+    # out in the full phantom set the model trained on too (it scores 97.8 %
+    # and 100 % on these 14 and 6 films; 95.6 % on the full test split).
+    for split in ("validation", "test"):
+        summary = evaluator.run(found.params, builder.as_data_source(split))
+        assert summary["id_accuracy"] >= 0.9, split

@@ -16,7 +16,9 @@ The VerSe-style identification rate (Sekuboyina et al. 2021) counts a
 labelled vertebra as identified when its layer is present (confidence >=
 threshold: a missing prediction is a miss, as in VerSe), its point lies
 within the radius of its own ground truth, and that ground truth is the
-closest labelled one to the point. Errors in mm multiply original pixels by
+closest labelled one to the point. The level-slip share counts the scored
+vertebrae named one level off: not within the radius of their own centroid
+but within it of a visible neighbour's (k - 1 or k + 1), labelled or not. Errors in mm multiply original pixels by
 the (isotropic) pixel spacing, over the images where it is known.
 
 An image without such a pair (one labelled vertebra, or only non-adjacent
@@ -73,6 +75,25 @@ def _closest_is_own(pred: jax.Array, gt: jax.Array, labeled: jax.Array) -> jax.A
     return jnp.argmin(to_all, axis=-1) == jnp.arange(labeled.shape[1])
 
 
+def _on_a_neighbour(
+    pred: jax.Array, truth: jax.Array, visible: jax.Array, radius: jax.Array
+) -> jax.Array:
+    """[B, K]: prediction k lies within the radius of visible vertebra k - 1's or k + 1's centroid."""
+    far = jnp.full_like(truth[:, :1], jnp.inf)
+    hidden = jnp.zeros_like(visible[:, :1])
+    above, below = (
+        jnp.concatenate([far, truth[:, :-1]], axis=1),
+        jnp.concatenate([truth[:, 1:], far], axis=1),
+    )
+    seen_above = jnp.concatenate([hidden, visible[:, :-1]], axis=1)
+    seen_below = jnp.concatenate([visible[:, 1:], hidden], axis=1)
+
+    def near(other):
+        return jnp.linalg.norm(pred - other, axis=-1) < radius[:, None]
+
+    return (seen_above & near(above)) | (seen_below & near(below))
+
+
 def _total(x: jax.Array) -> jax.Array:
     return jnp.sum(x.astype(jnp.float32))
 
@@ -103,7 +124,7 @@ def batch_sums(
       confidence: [B, K] peak values; a layer is present when >= threshold.
       centroids: [B, K, 2] labelled (x, y), normalised to [0, 1].
       labeled: [B, K] bool.
-      truth_centroids: [B, K, 2] normalised; used only through truth_visible.
+      truth_centroids: [B, K, 2] normalised, every vertebra's (for level slips).
       truth_visible: [B, K] bool, the vertebra's centroid lies in the image.
       original_size: [B, 2] int (height, width) in original pixels.
       pixel_spacing_mm: [B, 2] (row, column) mm per original pixel, 0 when unknown.
@@ -128,7 +149,6 @@ def batch_sums(
         pixel_spacing_mm=pixel_spacing_mm,
         mask=mask,
     )
-    del truth_centroids  # presence is judged by visibility, not by position
     mask = mask.astype(bool)
     labeled = labeled.astype(bool) & mask[:, None]
     visible = truth_visible.astype(bool) & mask[:, None]
@@ -149,6 +169,8 @@ def batch_sums(
     radius = 0.5 * spacing  # [B]
     scored = labeled & has_spacing[:, None]
     correct = scored & (error < radius[:, None])
+    truth = truth_centroids.astype(jnp.float32) * size_xy
+    slipped = scored & ~correct & _on_a_neighbour(pred, truth, visible, radius)
 
     # VerSe-style: the closest labelled ground truth to a present prediction
     # must be its own, and within the radius.
@@ -171,6 +193,7 @@ def batch_sums(
         "error_mm_sum": total(jnp.where(spacing_known, error_mm, 0.0)),
         "n_mm": total(spacing_known),
         "n_identified": total(identified),
+        "n_level_slip": total(slipped),
         "n_present": total(present),
         "n_visible": total(visible),
         "n_present_visible": total(present & visible),
@@ -215,6 +238,7 @@ def summarize(sums: Mapping[str, np.ndarray]) -> dict:
 
     Returns:
       A dict with id_accuracy, rmse_px, mean_error_px, mean_error_mm, id_rate,
+      level_slip_share,
       presence_precision, presence_recall, unlabelled_visible_recall,
       all_correct_share, the counts n_labelled, n_scored, n_without_spacing,
       n_images, and per_vertebra: name -> {id_accuracy, rmse_px,
@@ -230,6 +254,7 @@ def summarize(sums: Mapping[str, np.ndarray]) -> dict:
         "mean_error_px": _ratio(s["error_sum"], s["n_labelled"]),
         "mean_error_mm": _ratio(s["error_mm_sum"], s["n_mm"]),
         "id_rate": _ratio(s["n_identified"], s["n_scored"]),
+        "level_slip_share": _ratio(s["n_level_slip"], s["n_scored"]),
         "presence_precision": _ratio(s["n_present_visible"], s["n_present"]),
         "presence_recall": _ratio(s["n_present_visible"], s["n_visible"]),
         "unlabelled_visible_recall": _ratio(
