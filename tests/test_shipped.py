@@ -123,14 +123,11 @@ def test_predict_without_a_workdir_uses_the_shipped_model(tmp_path):
     assert f"unknown model 'nope': the shipped models are {shipped.DEFAULT_MODEL}" in unknown.stderr
 
 
-@pytest.mark.skipif(not AASCE_DIR.is_dir(), reason="../shared/data/aasce not present")
-def test_shipped_model_scores_on_the_aasce_fov_validation_crops(tmp_path):
-    """The shipped model reproduces the validation figures its model card states."""
+def _evaluator(found: shipped.Shipped):
+    """An evaluator of a shipped model as it predicts (its statistics, prior and decoding)."""
     from vertjax import evaluate, models, sharding
 
-    found = shipped.load()
-    builder = datasets.get_builder("aasce_fov", data_dir=str(tmp_path), manual_dir=str(AASCE_DIR))
-    evaluator = evaluate.Evaluator(
+    return evaluate.Evaluator(
         found.config,
         sharding.make_mesh(1),
         apply_fn=models.from_config(found.config).apply,
@@ -138,6 +135,14 @@ def test_shipped_model_scores_on_the_aasce_fov_validation_crops(tmp_path):
         std=found.pixel_std,
         prior=found.prior,
     )
+
+
+@pytest.mark.skipif(not AASCE_DIR.is_dir(), reason="../shared/data/aasce not present")
+def test_shipped_model_scores_on_the_aasce_fov_validation_crops(tmp_path):
+    """The shipped model reproduces the validation figures its model card states."""
+    found = shipped.load()
+    builder = datasets.get_builder("aasce_fov", data_dir=str(tmp_path), manual_dir=str(AASCE_DIR))
+    evaluator = _evaluator(found)
     recorded = found.info["metrics"]
     for split in ("validation", "validation_wide"):
         summary = evaluator.run(found.params, builder.as_data_source(split))
@@ -147,21 +152,12 @@ def test_shipped_model_scores_on_the_aasce_fov_validation_crops(tmp_path):
 
 def test_the_phantom_model_is_labelled_and_names_held_out_phantom_films(data_dir):
     """The demo model (and the aasce_fov recipe's starting point) is what it says it is."""
-    from vertjax import evaluate, models, sharding
-
     found = shipped.load("phantom")
     assert found.info["training_data"] == "spine_radiographs/synthetic"
     assert "never for real radiographs" in found.info["description"]
     assert sorted(shipped.names()) == ["aasce_fov", "phantom"]
     builder = datasets.get_builder("synthetic_small", data_dir=data_dir)
-    evaluator = evaluate.Evaluator(
-        found.config,
-        sharding.make_mesh(1),
-        apply_fn=models.from_config(found.config).apply,
-        mean=found.pixel_mean,
-        std=found.pixel_std,
-        prior=found.prior,
-    )
+    evaluator = _evaluator(found)
     # Participants are split by a hash of their id, so these films are held
     # out in the full phantom set the model trained on too (it scores 97.8 %
     # and 100 % on these 14 and 6 films; 95.6 % on the full test split).

@@ -18,8 +18,9 @@ threshold: a missing prediction is a miss, as in VerSe), its point lies
 within the radius of its own ground truth, and that ground truth is the
 closest labelled one to the point. The level-slip share counts the scored
 vertebrae named one level off: not within the radius of their own centroid
-but within it of a visible neighbour's (k - 1 or k + 1), labelled or not. Errors in mm multiply original pixels by
-the (isotropic) pixel spacing, over the images where it is known.
+but within it of a visible neighbour's (k - 1 or k + 1), labelled or not.
+Errors in mm multiply original pixels by the (isotropic) pixel spacing,
+over the images where it is known.
 
 An image without such a pair (one labelled vertebra, or only non-adjacent
 ones) has no radius of its own. By default its vertebrae are left out of the
@@ -79,19 +80,11 @@ def _on_a_neighbour(
     pred: jax.Array, truth: jax.Array, visible: jax.Array, radius: jax.Array
 ) -> jax.Array:
     """[B, K]: prediction k lies within the radius of visible vertebra k - 1's or k + 1's centroid."""
-    far = jnp.full_like(truth[:, :1], jnp.inf)
-    hidden = jnp.zeros_like(visible[:, :1])
-    above, below = (
-        jnp.concatenate([far, truth[:, :-1]], axis=1),
-        jnp.concatenate([truth[:, 1:], far], axis=1),
-    )
-    seen_above = jnp.concatenate([hidden, visible[:, :-1]], axis=1)
-    seen_below = jnp.concatenate([visible[:, 1:], hidden], axis=1)
-
-    def near(other):
-        return jnp.linalg.norm(pred - other, axis=-1) < radius[:, None]
-
-    return (seen_above & near(above)) | (seen_below & near(below))
+    r = radius[:, None]
+    on_next = visible[:, 1:] & (jnp.linalg.norm(pred[:, :-1] - truth[:, 1:], axis=-1) < r)
+    on_previous = visible[:, :-1] & (jnp.linalg.norm(pred[:, 1:] - truth[:, :-1], axis=-1) < r)
+    none = jnp.zeros_like(visible[:, :1])
+    return jnp.concatenate([on_next, none], axis=1) | jnp.concatenate([none, on_previous], axis=1)
 
 
 def _total(x: jax.Array) -> jax.Array:
