@@ -10,8 +10,11 @@ from PIL import Image
 from vertjax import inference, report, vertebrae
 
 
-def _write_run(path, *, loss, seed, id_accuracy, rmse_px, dataset="aasce_fov", steps=100):
-    """A finished run folder as evaluation and training leave it."""
+def _write_run(
+    path, *, loss, seed, id_accuracy, rmse_px, dataset="aasce_fov", steps=100, level_slip=None
+):
+    """A finished run folder as evaluation and training leave it (level_slip None: an older
+    results.json, written before the level-slip share existed)."""
     path.mkdir(parents=True)
     per_vertebra = {
         name: {"id_accuracy": id_accuracy - 0.01 * k, "rmse_px": rmse_px, "n": 10}
@@ -39,6 +42,8 @@ def _write_run(path, *, loss, seed, id_accuracy, rmse_px, dataset="aasce_fov", s
         "per_vertebra": per_vertebra,
         "seed": seed,
     }
+    if level_slip is not None:
+        results["level_slip_share"] = level_slip
     (path / "results.json").write_text(json.dumps(results))
     events = [
         {"step": 10, "kind": "train", "loss": 0.01},
@@ -74,8 +79,12 @@ def test_format_cell():
 
 
 def test_report_on_two_fake_runs_gives_mean_and_sd(tmp_path):
-    a = _write_run(tmp_path / "l2_s0", loss="l2", seed=0, id_accuracy=0.90, rmse_px=10.0)
-    b = _write_run(tmp_path / "l2_s1", loss="l2", seed=1, id_accuracy=0.94, rmse_px=12.0)
+    a = _write_run(
+        tmp_path / "l2_s0", loss="l2", seed=0, id_accuracy=0.90, rmse_px=10.0, level_slip=0.06
+    )
+    b = _write_run(
+        tmp_path / "l2_s1", loss="l2", seed=1, id_accuracy=0.94, rmse_px=12.0, level_slip=0.02
+    )
     c = _write_run(tmp_path / "mse_s0", loss="mse", seed=0, id_accuracy=0.50, rmse_px=None)
     out = tmp_path / "report"
     markdown = report.write_report([c, a, b], out, examples=2)
@@ -85,15 +94,17 @@ def test_report_on_two_fake_runs_gives_mean_and_sd(tmp_path):
     assert l2[2] == "aasce_fov (test)"
     assert l2[3] == "2 (0, 1)"
     assert l2[4] == "92.0 ± 2.8 %"  # ID accuracy: mean 92, sd sqrt(8) = 2.83
-    assert l2[5] == "11.00 ± 1.41"  # RMSE px
-    assert l2[6] == "22.00 ± 2.83"  # mean error px
-    assert l2[7] == "-"  # no spacing, no mm
-    assert l2[8] == "80.0 ± 0.0 %"
-    assert l2[12:] == ["130", "100"]  # labelled vertebrae, checkpoint step
+    assert l2[5] == "4.0 ± 2.8 %"  # named one level off
+    assert l2[6] == "11.00 ± 1.41"  # RMSE px
+    assert l2[7] == "22.00 ± 2.83"  # mean error px
+    assert l2[8] == "-"  # no spacing, no mm
+    assert l2[9] == "80.0 ± 0.0 %"
+    assert l2[13:] == ["130", "100"]  # labelled vertebrae, checkpoint step
     mse = _row(markdown, "mse")
     assert mse[3] == "1 (0)"
     assert mse[4] == "50.0 %"
-    assert mse[5] == "-"  # RMSE null: nothing identified
+    assert mse[5] == "-"  # an older results.json: no level-slip share
+    assert mse[6] == "-"  # RMSE null: nothing identified
     # Groups in the paper's order, the paper's numbers beside as reference.
     assert markdown.index("| mse | mse |") < markdown.index("| l2 | l2 |")
     assert "| UNet-L2 | l2 | 95.9 % | 17.08 |" in markdown

@@ -66,6 +66,7 @@ class Column:
 
 COLUMNS: tuple[Column, ...] = (
     Column("id_accuracy", "ID accuracy", True, 1),
+    Column("level_slip_share", "Named one level off", True, 1),
     Column("rmse_px", "RMSE (px)", False, 2),
     Column("mean_error_px", "Mean error (px)", False, 2),
     Column("mean_error_mm", "Mean error (mm)", False, 2),
@@ -195,7 +196,9 @@ def table_markdown(groups: dict[tuple[str, str, str], list[Run]]) -> str:
         "Mean ± sample standard deviation over seeds (n - 1 in the denominator). "
         "ID accuracy: share of labelled vertebrae whose prediction lies within half the "
         "image's mean neighbour distance of its own ground truth; RMSE over those "
-        "correctly identified; mean error over all labelled vertebrae; presence against "
+        "correctly identified; named one level off: share of labelled vertebrae whose "
+        "prediction missed its own centroid but lies on a visible neighbour's; mean error "
+        "over all labelled vertebrae; presence against "
         "every visible vertebra; distances in original pixels.",
         "",
         "| " + " | ".join(headers) + " |",
