@@ -1,4 +1,4 @@
-"""Shared test fixtures: writers for small synthetic image files, a built dataset."""
+"""Shared test fixtures: writers for small synthetic image files and run folders, a built dataset."""
 
 from __future__ import annotations
 
@@ -31,3 +31,56 @@ def data_dir(tmp_path_factory):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return str(path)
+
+
+def _write_constant_run(workdir, config, output_bias, *, step=6, meta=None, metrics=None):
+    """Writes a run folder whose network outputs `output_bias[k]` everywhere in heatmap k.
+
+    Shapes come from the real model and values are drawn here (initialising
+    the U-Net for real costs tens of seconds of compilation on a busy 2-core
+    machine). The output layer, the one 1x1 convolution with K outputs, gets
+    a zero kernel and the given bias, so every heatmap is constant: each
+    layer decodes to the centre of model pixel (0, 0) with confidence equal
+    to its bias. The checkpoint is written by `vertjax.checkpoints`, as
+    training writes it. Returns `workdir`.
+    """
+    import grain
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax.training import train_state
+
+    from vertjax import checkpoints, runs, vertebrae
+
+    shapes = jax.eval_shape(lambda: runs.create_train_state(config, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype), dict(shapes.params)
+    )
+    (out_layer,) = [
+        k for k, v in params.items() if v.get("bias", np.zeros(0)).shape == (vertebrae.K,)
+    ]
+    params[out_layer] = {
+        "kernel": jnp.zeros_like(params[out_layer]["kernel"]),
+        "bias": jnp.asarray(np.broadcast_to(output_bias, (vertebrae.K,)), jnp.float32),
+    }
+    state = train_state.TrainState.create(
+        apply_fn=None, params=params, tx=runs.make_optimizer(config)
+    )
+    ckpt = checkpoints.Checkpointer(str(Path(workdir) / "checkpoints"), keep=1)
+    ckpt.save(
+        step,
+        state=state,
+        data_iterator=iter(grain.MapDataset.range(4).to_iter_dataset()),
+        config=config,
+        meta={"train_seconds": 1.0, "validation": None, **(meta or {})},
+        metrics=metrics or {"id_accuracy": 0.0},
+    )
+    ckpt.close()
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def write_constant_run():
+    """A function writing a run folder with constant heatmaps; see `_write_constant_run`."""
+    return _write_constant_run

@@ -7,13 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from vertjax import heatmaps, imaging, inference, overlay, predict, runs, vertebrae
+from vertjax import heatmaps, imaging, inference, overlay, predict, vertebrae
 from vertjax import inputs as input_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,52 +313,18 @@ def test_each_name_is_its_own_layer_in_json_and_csv(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, write_constant_run):
     """A training workdir with one checkpoint of the tiny test config.
 
-    The output layer's kernel is zeroed and its bias set per vertebra, so
-    every heatmap is constant: each layer decodes to the centre of model
-    pixel (0, 0), with confidence = its bias (0.8 for T4-T10, 0.2 after).
+    Every heatmap is constant: each layer decodes to the centre of model
+    pixel (0, 0), with confidence 0.8 for T4-T10 and 0.2 after.
     """
-    import grain
-    from flax.training import train_state
-
     from configs import test as test_config
-    from vertjax import checkpoints
 
-    config = test_config.get_config()
-    # Shapes from the real model, values drawn here: initialising the U-Net
-    # for real costs tens of seconds of compilation on a busy 2-core machine.
-    shapes = jax.eval_shape(lambda: runs.create_train_state(config, jax.random.key(0)))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype), dict(shapes.params)
-    )
-    # The output layer is the one 1x1 convolution with K outputs.
-    (out_layer,) = [
-        k for k, v in params.items() if v.get("bias", np.zeros(0)).shape == (vertebrae.K,)
-    ]
-    bias = np.where(np.arange(vertebrae.K) < 7, 0.8, 0.2).astype(np.float32)
-    params[out_layer] = {
-        "kernel": jnp.zeros_like(params[out_layer]["kernel"]),
-        "bias": jnp.asarray(bias),
-    }
-    state = train_state.TrainState.create(
-        apply_fn=None, params=params, tx=runs.make_optimizer(config)
-    )
+    bias = np.where(np.arange(vertebrae.K) < 7, 0.8, 0.2)
+    meta = {"pixel_mean": 120.0, "pixel_std": 60.0}
     workdir = tmp_path_factory.mktemp("run")
-    ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"), keep=1)
-    iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
-    ckpt.save(
-        6,
-        state=state,
-        data_iterator=iterator,
-        config=config,
-        meta={"train_seconds": 1.0, "validation": None, "pixel_mean": 120.0, "pixel_std": 60.0},
-        metrics={"id_accuracy": 0.0},
-    )
-    ckpt.close()
-    return workdir
+    return write_constant_run(workdir, test_config.get_config(), bias, meta=meta)
 
 
 @pytest.fixture(scope="module")
@@ -508,31 +473,16 @@ def test_one_compilation_across_calls_for_the_same_model(tmp_path):
     assert len(list((tmp_path / "a").glob("*.json"))) == 3
 
 
-def test_load_model_applies_the_configured_postprocessing(tmp_path, monkeypatch):
+def test_load_model_applies_the_configured_postprocessing(
+    tmp_path, monkeypatch, write_constant_run
+):
     """With post-processing on, the prior is fitted on the run's training labels."""
-    import grain
-    from flax.training import train_state
-
     from configs import test as test_config
-    from vertjax import checkpoints, datasets, postprocess
+    from vertjax import datasets, postprocess
 
     config = test_config.get_config()
     config.postprocess.enabled = True
-    shapes = jax.eval_shape(lambda: runs.create_train_state(config, jax.random.key(0)))
-    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes.params))
-    state = train_state.TrainState.create(
-        apply_fn=None, params=params, tx=runs.make_optimizer(config)
-    )
-    ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
-    ckpt.save(
-        3,
-        state=state,
-        data_iterator=iter(grain.MapDataset.range(2).to_iter_dataset()),
-        config=config,
-        meta={"train_seconds": 0.0, "validation": None},
-        metrics={"id_accuracy": 0.5},
-    )
-    ckpt.close()
+    write_constant_run(tmp_path, config, 0.0, step=3, metrics={"id_accuracy": 0.5})
     # Vertebrae 20 model px apart, straight down: the fitted prior must say so.
     ys = 20.0 + 15.0 * np.arange(vertebrae.K)
     centroids = np.stack([np.full(vertebrae.K, 132.0), ys], 1) / SIZE
