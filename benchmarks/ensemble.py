@@ -51,7 +51,10 @@ def evaluate_ensemble(
                 raise ValueError(f"{workdir}: config.{field} differs from {workdirs[0]}'s")
     builder = runs.open_dataset(config)
     mean, std = datasets.pixel_stats(builder)
-    prior = runs.fit_prior(builder.as_data_source("train"), int(config.image_size))
+    # The prior reads every training label: fitted once, and only when used.
+    prior = None
+    if config.postprocess.enabled:
+        prior = runs.fit_prior(builder.as_data_source("train"), int(config.image_size))
     apply_fn = restored[0].state.apply_fn
     members = [runs.inference_params(run.state) for run in restored]
 
