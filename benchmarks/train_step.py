@@ -13,7 +13,9 @@ PyTorch: `torch_reference.UNet` (same layers and parameter count,
 channels_last, same up-sampling), eager, `torch.optim.Adam` (`--notorch`
 skips it). Both sides are timed in alternation. A second table gives each
 loss's train-step time and its overhead over mse (same network, the first
-base width; `--noloss_table` skips it). With `--baseline=DIR`, the
+base width; `--noloss_table` skips it). A third gives each stem's
+(`vertjax.models.STEMS`) train-step time, images per second and speed-up
+over the classic full-resolution conv stem (`--nostem_table` skips it). With `--baseline=DIR`, the
 models.py and losses.py in DIR (e.g. an earlier version of vertjax's) are
 timed alongside as a third contender.
 
@@ -187,6 +189,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("loss_repeats", 10, "Timed rounds of the per-loss table.", lower_bound=1)
     flags.DEFINE_string("baseline", None, "dir with models.py, losses.py to time too")
     flags.DEFINE_bool("loss_table", True, "Also time the train step with each loss.")
+    flags.DEFINE_bool("stem_table", True, "Also time the train step with each model stem.")
     common.define_timing_flags(torch=True)
 
 
@@ -261,6 +264,33 @@ def time_losses(features: int, data: dict, model_kwargs: dict) -> list[dict[str,
     return records
 
 
+def time_stems(features: int, data: dict, model_kwargs: dict) -> list[dict[str, Any]]:
+    """The per-stem table: the vertjax train step with each stem; prints it, returns records."""
+    from vertjax import models
+
+    contenders = {
+        stem: vertjax_step(features, FLAGS.loss, data, {**model_kwargs, "stem": stem})[0]
+        for stem in models.STEMS
+    }
+    samples = common.time_interleaved(contenders, repeats=FLAGS.loss_repeats, warmup=2)
+    base = common.stats(samples["conv"])["median_s"]
+    rows, records = [], []
+    for stem, times in samples.items():
+        s = common.stats(times)
+        images_per_s = FLAGS.batch / s["median_s"]
+        speedup = base / s["median_s"]
+        rows.append([stem, s["median_s"], s["min_s"], images_per_s, speedup])
+        records.append(
+            {"stem": stem, **s, "images_per_s": images_per_s, "speedup_over_conv": speedup}
+        )
+    print(
+        f"\nvertjax train step per stem, features {features}, loss {FLAGS.loss}, "
+        f"median of {FLAGS.loss_repeats} (s)"
+    )
+    print(common.format_table(["stem", "step s", "(min)", "images/s", "conv/stem"], rows))
+    return records
+
+
 NETWORK_COLUMNS = [
     "features",
     "params vertjax",
@@ -296,8 +326,15 @@ def main(argv: Sequence[str]) -> None:
     )
     print(common.format_table(NETWORK_COLUMNS, rows))
     per_loss = time_losses(features_list[0], data, model_kwargs) if FLAGS.loss_table else []
+    per_stem = time_stems(features_list[0], data, model_kwargs) if FLAGS.stem_table else []
     if FLAGS.json:
-        results = {"machine": info, "args": settings, "network": network, "losses": per_loss}
+        results = {
+            "machine": info,
+            "args": settings,
+            "network": network,
+            "losses": per_loss,
+            "stems": per_stem,
+        }
         common.write_json(FLAGS.json, results)
 
 

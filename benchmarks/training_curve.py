@@ -145,7 +145,12 @@ def earlier_runs(path: str) -> list[dict[str, Any]]:
             recorded = json.load(f)["runs"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a training_curve --json output ({e})") from e
-    return [{**r, "run": f"{r['run']} (earlier)"} for r in recorded]
+    return [{**r, "run": _labelled_earlier(r["run"])} for r in recorded]
+
+
+def _labelled_earlier(run: str) -> str:
+    """`run (earlier)`, once: an output drawn from earlier runs is labelled already."""
+    return run if run.endswith(" (earlier)") else f"{run} (earlier)"
 
 
 def _reached(run: dict[str, Any], mark: float) -> float | str:

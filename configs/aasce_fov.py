@@ -10,23 +10,24 @@ off where a film starts or ends; `validation` keeps the paper's edges and
 `--config.dataset.manual_dir`, by default `../shared/data/aasce` beside the
 repository (the layout of its README).
 
-The recipe adds to the default: it starts from the shipped `phantom` model
-(configs/l3.py trained on the synthetic films), on-device augmentation with
-left-right mirroring, an exponential moving average of the parameters (what
-is validated and shipped), the anatomical-order post-processing and
-test-time mirror averaging. The loss is l2, the paper's best at naming; pick
-another with `--config.loss`.
+The recipe adds to the default (whose U-Net has the patch stem): it starts
+from the shipped `phantom` model (configs/l3.py trained on the synthetic
+films), on-device augmentation with left-right mirroring, an exponential
+moving average of the parameters (what is validated and shipped), the
+anatomical-order post-processing and test-time mirror averaging. The loss
+is l2, the paper's best at naming; pick another with `--config.loss`.
 
 Command:
   python -m vertjax.main --config=configs/aasce_fov.py --workdir=runs/aasce_fov
 
 Measured (2-core AMD EPYC CPU, jax 0.10.2, dataset 1.2.0, two seeds run
-side by side, each on about one core: 88 / 81 min wall clock, 82 / 82
-CPU-minutes): validation ID accuracy 68.3 % / 67.7 % (seeds 0 / 1, mean
-68.0 %), RMSE 15.8 / 16.1 px; on validation_wide 64.9 % / 67.1 % (mean
-66.0 %). Without the phantom start the same recipe gave a mean of 61.4 %
-and 61.5 %. Short of 90 % (README, "Real radiographs"). Seed 0 is the
-shipped model (MODEL_CARD.md).
+side by side, each on about one core: 46 min wall clock and 42
+CPU-minutes each): validation ID accuracy 73.7 % / 71.2 % (seeds 0 / 1,
+mean 72.4 %), RMSE 15.7 / 15.0 px; on validation_wide 67.3 % / 64.0 %
+(mean 65.6 %). With the full-resolution conv stem (`--config.model.stem=conv`
+and a conv-stem phantom) the means were 68.0 % and 66.0 % in 81-88 min;
+without the phantom start 61.4 % and 61.5 %. Short of 90 % (README, "Real
+radiographs"). Seed 0 is the shipped model (MODEL_CARD.md).
 """
 
 import ml_collections

@@ -17,7 +17,10 @@ stayed at 1-2 % validation ID accuracy, sigma 8 with a zero-initialised
 output layer reached 13 % by step 100 and 27 % by step 400 (batch 4, 2.8
 images per CPU-second); depth 5 with channels capped at 64 sees the whole
 image at about the cost of depth 4; a learning rate of 3e-3 was worse than
-1e-3. The paper's 264 x 264 input is kept. For a GPU run, raise batch_size
+1e-3. The paper's 264 x 264 input is kept. The patch stem (no convolution
+at full resolution) replaced the classic conv stem on 2026-12-03: 1.7x the
+train steps per second, and configs/l3.py reached 98.1-99.4 % synthetic
+test ID accuracy over three seeds where the conv stem reached 94.7-96.6 %. For a GPU run, raise batch_size
 and train_steps, turn augmentation on, and consider a sigma schedule
 (sigma_start 8 -> sigma 3); those settings are not measured here.
 """
@@ -51,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.bottleneck_dilations = ()  # e.g. (2, 4, 8): dilated blocks widen the view
     config.model.global_context = False  # add a pooled context vector at the bottleneck
     config.model.coord_channels = False  # add row and column position as input channels
+    # patch: a 2x2 patch convolution in and a sub-pixel output out, nothing
+    # convolves at full resolution (1.7x the steps/s of conv, and it names
+    # more vertebrae per step). conv: the classic full-resolution conv block.
+    config.model.stem = "patch"
 
     # Targets and loss.
     config.loss = "l3"  # mse, l1, l2 or l3 (paper, Appendix B)

@@ -38,7 +38,7 @@ def _write_constant_run(workdir, config, output_bias, *, step=6, meta=None, metr
 
     Shapes come from the real model and values are drawn here (initialising
     the U-Net for real costs tens of seconds of compilation on a busy 2-core
-    machine). The output layer, the one 1x1 convolution with K outputs, gets
+    machine). The output layer, the one 1x1 convolution, gets
     a zero kernel and the given bias, so every heatmap is constant: each
     layer decodes to the centre of model pixel (0, 0) with confidence equal
     to its bias. The checkpoint is written by `vertjax.checkpoints`, as
@@ -58,11 +58,15 @@ def _write_constant_run(workdir, config, output_bias, *, step=6, meta=None, metr
         lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype), dict(shapes.params)
     )
     (out_layer,) = [
-        k for k, v in params.items() if v.get("bias", np.zeros(0)).shape == (vertebrae.K,)
+        k for k, v in params.items() if v.get("kernel", np.zeros(0)).shape[:2] == (1, 1)
     ]
+    # K channels, or 4 K for the patch stem's sub-pixel output (one K per pixel of a 2x2 cell).
+    cells = params[out_layer]["bias"].shape[0] // vertebrae.K
     params[out_layer] = {
         "kernel": jnp.zeros_like(params[out_layer]["kernel"]),
-        "bias": jnp.asarray(np.broadcast_to(output_bias, (vertebrae.K,)), jnp.float32),
+        "bias": jnp.asarray(
+            np.tile(np.broadcast_to(output_bias, (vertebrae.K,)), cells), jnp.float32
+        ),
     }
     state = train_state.TrainState.create(
         apply_fn=None, params=params, tx=runs.make_optimizer(config)

@@ -561,7 +561,9 @@ def test_predict_refuses_a_checkpoint_of_a_different_model_shape(tmp_path, datas
         inference.load(workdir=tmp_path, checkpoint="latest")
     message = str(info.value)
     assert message.startswith(f"checkpoint 6 of {tmp_path / 'checkpoints'} does not fit this model")
-    assert re.search(r"params\.\S+ is \(3, 3, 1, 4\) in the checkpoint and \(3, 3, 1, 8\)", message)
+    assert re.search(
+        r"params\.\S+ is \(3, 3, 4, 8\) in the checkpoint and \(3, 3, 8, 16\)", message
+    )
 
 
 @pytest.mark.parametrize(
@@ -682,7 +684,7 @@ def test_main_cli_evaluate_refuses_a_checkpoint_of_a_different_model(tmp_path, d
     flags = [*dataset[1], "--mode=evaluate", "--config.model.features=8"]
     done = _main(flags, workdir)
     _assert_refused(done, f"checkpoint 6 of {workdir / 'checkpoints'} does not fit this model")
-    assert "is (3, 3, 1, 4) in the checkpoint and (3, 3, 1, 8) in the model" in done.stderr
+    assert "is (3, 3, 4, 8) in the checkpoint and (3, 3, 8, 16) in the model" in done.stderr
     assert not (workdir / evaluate.RESULTS_JSON).exists()
 
 

@@ -34,10 +34,11 @@ def assert_finite_nonzero(grads):
     assert sum(float(jnp.sum(jnp.abs(g))) for g in leaves) > 0.0
 
 
+@pytest.mark.parametrize("stem", models.STEMS)
 @pytest.mark.parametrize("upsample", models.UPSAMPLES)
 @pytest.mark.parametrize("size", [(264, 264), (100, 72)])
-def test_output_shape_and_finite_gradients(upsample, size):
-    model = models.tiny(upsample=upsample)
+def test_output_shape_and_finite_gradients(stem, upsample, size):
+    model = models.tiny(upsample=upsample, stem=stem)
     _, out, value, grads = init_and_grad(model, *size)
     assert out.shape == (1, *size, 13) and out.dtype == jnp.float32
     assert np.isfinite(float(value))
@@ -79,18 +80,50 @@ def test_zero_init_output_starts_at_bias():
     np.testing.assert_array_equal(np.asarray(out), -2.0)
 
 
-def test_padding_keeps_image_content_aligned():
-    # A one-pixel impulse must influence the output around its own position,
-    # not a shifted one, whatever the padding to a multiple of 2**depth.
-    model = models.tiny(norm="none")
+@pytest.mark.parametrize("stem", models.STEMS)
+def test_padding_keeps_image_content_aligned(stem):
+    # A one-pixel impulse must influence the output around its own position
+    # (the centroid of the change), not a shifted one, whatever the padding
+    # to a multiple of 2**depth.
+    model = models.tiny(norm="none", stem=stem)
     images = jnp.zeros((1, 30, 22, 1))
     params = fast_jit(model.init)(jax.random.PRNGKey(0), images)
     apply = fast_jit(model.apply)
     base = apply(params, images)
-    poked = apply(params, images.at[0, 10, 7, 0].set(50.0))
-    change = np.abs(np.asarray(poked - base)).sum(axis=(0, 3))
-    row, col = np.unravel_index(np.argmax(change), change.shape)
+    # Poked both ways: the patch stem sees a pixel through one kernel tap per
+    # channel, which the activation may zero for one sign but not for both.
+    change = sum(
+        np.abs(np.asarray(apply(params, images.at[0, 10, 7, 0].set(value)) - base)).sum(axis=(0, 3))
+        for value in (50.0, -50.0)
+    )
+    rows, cols = np.indices(change.shape)
+    row, col = (rows * change).sum() / change.sum(), (cols * change).sum() / change.sum()
     assert abs(row - 10) <= 3 and abs(col - 7) <= 3
+
+
+def test_patch_stem_convolves_nothing_at_full_resolution():
+    model = models.tiny(stem="patch", zero_init_output=True)
+    images = jnp.zeros((1, 16, 24, 1))
+    params = fast_jit(model.init)(jax.random.PRNGKey(0), images)["params"]
+    # In: one 2x2 stride-2 convolution from the image to the first width.
+    assert params["PatchStem"]["kernel"].shape == (2, 2, 1, 4)
+    # Conv blocks at half resolution and below only: the first one (level 1)
+    # reads the patch features and widens them.
+    assert params["ConvBlock_0"]["Conv_0"]["kernel"].shape == (3, 3, 4, 8)
+    assert len([k for k in params if k.startswith("ConvBlock")]) == 3  # levels 1, 2, up 1
+    # Out: a sub-pixel layer, 4 x 13 channels per half-resolution cell; pixel
+    # (2i + dy, 2j + dx) of heatmap k reads channel (2 dy + dx) * 13 + k.
+    (output,) = [
+        k for k, v in params.items() if v.get("kernel", np.zeros(0)).shape == (1, 1, 8, 52)
+    ]
+    params[output]["bias"] = jnp.arange(52.0)
+    out = np.asarray(fast_jit(model.apply)({"params": params}, images))
+    for dy in range(2):
+        for dx in range(2):
+            expected = (2 * dy + dx) * 13 + np.arange(13.0)
+            np.testing.assert_array_equal(
+                out[0, dy::2, dx::2], np.broadcast_to(expected, (8, 12, 13))
+            )
 
 
 @pytest.mark.parametrize(
@@ -101,6 +134,7 @@ def test_padding_keeps_image_content_aligned():
         ("activation", "tanh", "unknown activation 'tanh'"),
         ("dtype", "float16", "unknown dtype 'float16': expected one of bfloat16, float32"),
         ("depth", 7, "config.model.depth must be between 1 and 6"),
+        ("stem", "pixel", "config.model.stem: unknown stem 'pixel': expected one of conv, patch"),
     ],
 )
 def test_bad_model_options_are_refused_by_the_config_checks(field, value, message):

@@ -327,8 +327,11 @@ def test_train_on_8_devices_logs_and_saves_what_1_device_does(loops):
 def test_fsdp_rule_splits_parameters_and_trains_the_same(runs):
     assert runs.child["fsdp_split"], "no parameter was split over the data axis"
     np.testing.assert_allclose(runs.child["fsdp"]["losses"], runs.losses, rtol=1e-5)
+    # Split parameters reduce their gradients in another order; where Adam's
+    # step rides on a near-zero gradient that moves a weight by a few 1e-5,
+    # still far below one step's 1e-3 that a lost or doubled shard would move it.
     _assert_params_close(
-        _named(runs.state.params), np.load(runs.base / "params_fsdp.npz"), rtol=1e-4
+        _named(runs.state.params), np.load(runs.base / "params_fsdp.npz"), rtol=1e-4, atol=1e-4
     )
     for key, value in runs.child["replicated"]["summary"].items():
         assert runs.child["fsdp"]["summary"][key] == pytest.approx(value, rel=1e-5, nan_ok=True)

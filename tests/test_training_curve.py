@@ -30,6 +30,15 @@ def test_earlier_runs_keep_their_figures_and_are_labelled(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runs_already_labelled_earlier_are_not_labelled_twice(tmp_path):
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps({"runs": training_curve.earlier_runs(str(RECORDED))}))
+    assert [r["run"] for r in training_curve.earlier_runs(str(again))] == [
+        "runs/aasce_fov_seed0 (earlier)",
+        "runs/aasce_fov_seed1 (earlier)",
+    ]
+
+
 def test_a_file_that_is_not_a_curve_output_is_named(tmp_path):
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"rows": []}))

@@ -128,6 +128,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     _choice("config.model.norm", m.norm, models.NORMS, "norm")
     _choice("config.model.upsample", m.upsample, models.UPSAMPLES, "upsample")
     _choice("config.model.activation", m.activation, models.ACTIVATIONS, "activation")
+    _choice("config.model.stem", m.get("stem", "conv"), models.STEMS, "stem")
     if not 1 <= m.depth <= models.MAX_DEPTH:
         raise ValueError(
             f"config.model.depth must be between 1 and {models.MAX_DEPTH}, got {m.depth}"

@@ -13,6 +13,14 @@ residual dilated convolutions (`bottleneck_dilations`) and a global-context
 block (`global_context`: the pooled bottleneck features, passed through a
 dense layer, added back at every position).
 
+The full-resolution level is the costliest per parameter on a CPU (every
+activation of its two blocks is S x S). `stem='patch'` replaces it: the
+encoder starts with a 2x2, stride-2 convolution (each 2x2 patch to
+`features` channels) and the decoder ends with a sub-pixel output (a 1x1
+convolution to 4 K channels, shuffled into the 2x2 pixels of each cell),
+so no convolution runs at full resolution. `depth` still counts every
+halving, the patch step included, so the bottleneck sees the same grid.
+
 Inputs of any height and width are zero-padded at the bottom and right to a
 multiple of 2**depth and the output is cropped back. Zeros, not reflection:
 a mirrored border would show the network mirrored vertebrae to count.
@@ -41,6 +49,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": nn.silu,
 }
 MAX_DEPTH = 6
+STEMS = ("conv", "patch")
 
 
 class ConvBlock(nn.Module):
@@ -97,6 +106,9 @@ class UNet(nn.Module):
       global_context: add a global-average-pooled context vector at the bottleneck.
       coord_channels: append the pixel's row and column (each from -1 to 1
         across the image) to the input channels, so naming can use position.
+      stem: 'conv' (a conv block at full resolution, the classic U-Net) |
+        'patch' (a 2x2 stride-2 patch convolution in, a sub-pixel output
+        out: nothing convolves at full resolution).
     """
 
     num_outputs: int = vertebrae.K
@@ -112,6 +124,7 @@ class UNet(nn.Module):
     bottleneck_dilations: tuple[int, ...] = ()
     global_context: bool = False
     coord_channels: bool = False
+    stem: str = "conv"
 
     def _width(self, level: int) -> int:
         width = self.features * 2**level
@@ -139,9 +152,23 @@ class UNet(nn.Module):
             x = jnp.concatenate([x, coords.astype(self.dtype)], axis=-1)
         x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
 
+        if self.stem not in STEMS:
+            raise ValueError(f"stem {self.stem!r} must be one of {STEMS}")
+        patch = self.stem == "patch"
+        act = ACTIVATIONS[self.activation]
         block = dict(norm=self.norm, activation=self.activation, dtype=self.dtype)
         skips = []
-        for level in range(self.depth):
+        if patch:
+            x = nn.Conv(
+                self._width(0),
+                (2, 2),
+                strides=(2, 2),
+                use_bias=self.norm == "none",
+                dtype=self.dtype,
+                name="PatchStem",
+            )(x)
+            x = act(_normalise(x, self.norm, self.dtype))
+        for level in range(1 if patch else 0, self.depth):
             x = ConvBlock(self._width(level), **block)(x)
             skips.append(x)
             x = layers.max_pool_2x2(x)
@@ -153,7 +180,7 @@ class UNet(nn.Module):
             context = ACTIVATIONS[self.activation](nn.Dense(x.shape[-1], dtype=self.dtype)(context))
             x = x + nn.Dense(x.shape[-1], dtype=self.dtype)(context)
 
-        for level in reversed(range(self.depth)):
+        for level in reversed(range(1 if patch else 0, self.depth)):
             channels = self._width(level)
             if self.upsample == "transpose":
                 # Named as nn.ConvTranspose's layers were: checkpoints stay loadable.
@@ -162,19 +189,24 @@ class UNet(nn.Module):
                 )(x)
             else:
                 x = nn.Conv(channels, (3, 3), dtype=self.dtype)(layers.upsample_2x(x))
-            x = jnp.concatenate([x, skips[level]], axis=-1)
+            x = jnp.concatenate([x, skips[level - patch]], axis=-1)
             x = ConvBlock(channels, **block)(x)
 
         kernel_init = (
             nn.initializers.zeros if self.zero_init_output else nn.linear.default_kernel_init
         )
+        cells = 4 if patch else 1  # sub-pixel output: a 2x2 block of heatmap pixels per cell
         x = nn.Conv(
-            self.num_outputs,
+            self.num_outputs * cells,
             (1, 1),
             dtype=self.dtype,
             kernel_init=kernel_init,
             bias_init=nn.initializers.constant(self.output_bias_init),
         )(x)
+        if patch:
+            b, h, w, _ = x.shape
+            x = x.reshape(b, h, w, 2, 2, self.num_outputs).transpose(0, 1, 3, 2, 4, 5)
+            x = x.reshape(b, 2 * h, 2 * w, self.num_outputs)
         return x[:, :height, :width, :].astype(jnp.float32)
 
 
@@ -219,4 +251,5 @@ def from_config(config: Any) -> UNet:
         global_context=m["global_context"],
         # Configs saved before the option existed have no such field.
         coord_channels=m.get("coord_channels", False),
+        stem=m.get("stem", "conv"),
     )
